@@ -1,0 +1,1 @@
+"""The batching policy: pure functions, state and budget in, a decision out."""

@@ -1,0 +1,1 @@
+"""Shared ground floor: queue interface and backends, key layout, model registry."""
