@@ -41,11 +41,6 @@ class SchedulerStub:
                 request_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
                 _registered_method=True)
-        self.Resume = channel.unary_stream(
-                '/dynabatch.v1.Scheduler/Resume',
-                request_serializer=dynabatch_dot_v1_dot_scheduler__pb2.ResumeRequest.SerializeToString,
-                response_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
-                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/dynabatch.v1.Scheduler/Cancel',
                 request_serializer=dynabatch_dot_v1_dot_scheduler__pb2.CancelRequest.SerializeToString,
@@ -66,16 +61,10 @@ class SchedulerServicer:
     def Generate(self, request, context):
         """Generate streams the tokens of one request. The first message may arrive before any token
         (it carries the assigned request_id); the last carries finish_reason and timings.
+        The request id is also sent at once in the initial metadata "x-request-id".
         Errors: INVALID_ARGUMENT (a field is wrong; the message names it), RESOURCE_EXHAUSTED (queue
         full or the deadline cannot be met; trailing metadata "retry-after-ms"), DEADLINE_EXCEEDED
         (the request waited past its queue TTL), UNAVAILABLE (no worker can serve it), CANCELLED.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Resume(self, request, context):
-        """Resume re-attaches to a request by id after a broken stream, from a token offset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,11 +90,6 @@ def add_SchedulerServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateRequest.FromString,
-                    response_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.SerializeToString,
-            ),
-            'Resume': grpc.unary_stream_rpc_method_handler(
-                    servicer.Resume,
-                    request_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.ResumeRequest.FromString,
                     response_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
@@ -147,33 +131,6 @@ class Scheduler:
             target,
             '/dynabatch.v1.Scheduler/Generate',
             dynabatch_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
-            dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Resume(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/dynabatch.v1.Scheduler/Resume',
-            dynabatch_dot_v1_dot_scheduler__pb2.ResumeRequest.SerializeToString,
             dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,79 @@
+"""The asyncio client."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from dynabatch.client.errors import from_rpc_error
+from dynabatch.client.request import GenerateResult, build_request
+from dynabatch.v1 import scheduler_pb2 as pb
+from dynabatch.v1 import scheduler_pb2_grpc
+
+
+class AsyncDynabatchClient:
+    """Talks to a dynabatch scheduler. Use as `async with AsyncDynabatchClient(target) as c:`.
+
+    `timeout` (seconds) is the default deadline of every call; a per-call `timeout=` overrides it.
+    Leaving a `stream()` loop early cancels the request on the server.
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 metadata: tuple[tuple[str, str], ...] = (), options: list | None = None) -> None:
+        opts = options or []
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=opts) if credentials
+                        else grpc.aio.insecure_channel(target, options=opts))
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.timeout, self.metadata = timeout, metadata
+
+    async def __aenter__(self) -> AsyncDynabatchClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
+                     **fields) -> AsyncIterator[pb.GenerateResponse]:
+        """Yield each token delta as it arrives; raises a DynabatchError subclass on failure."""
+        request = build_request(prompt, **fields)
+        call = self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        finished = False
+        try:
+            async for msg in call:
+                if msg.finish_reason:
+                    finished = True
+                yield msg
+        except grpc.aio.AioRpcError as e:
+            finished = True
+            raise from_rpc_error(e, request.request_id) from None
+        finally:
+            if not finished:
+                call.cancel()
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                       **fields) -> GenerateResult:
+        """The whole generation at once."""
+        result = GenerateResult()
+        async for msg in self.stream(prompt, timeout=timeout, **fields):
+            result.add(msg)
+        return result
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a request by id; False if it was unknown or already finished."""
+        try:
+            resp = await self.stub.Cancel(pb.CancelRequest(request_id=request_id),
+                                          timeout=self.timeout, metadata=self.metadata)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, request_id) from None
+        return resp.cancelled
+
+    async def stats(self) -> pb.GetStatsResponse:
+        try:
+            return await self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout,
+                                            metadata=self.metadata)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None

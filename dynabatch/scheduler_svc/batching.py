@@ -1,0 +1,119 @@
+"""The batching loop: worker feedback and the waiting queue in, the policy's decision out.
+
+All decisions are the policy's (scheduler_svc/policy, pure); this loop only gathers its inputs
+and carries out what it decided.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+import grpc
+
+from dynabatch.scheduler_svc.policy import Assigned, Decision, Policy, Waiting, WorkerView
+from dynabatch.scheduler_svc.requests import Failure, RequestTable
+from dynabatch.v1.worker_pb2 import WorkerControl, WorkerFeedback, WorkItem
+from dynabatch.wire.queue import Queue
+
+log = logging.getLogger("dynabatch.scheduler")
+
+
+def to_waiting(item: WorkItem) -> Waiting:
+    deadline = item.queue_deadline_unix_ns / 1e9 if item.queue_deadline_unix_ns else None
+    return Waiting(request_id=item.request_id, prompt_tokens=len(item.prompt_token_ids),
+                   max_tokens=item.max_tokens, arrival_s=item.arrival_unix_ns / 1e9,
+                   priority=item.priority or 2, expected_output_tokens=item.expected_output_tokens,
+                   ttft_target_s=item.ttft_target_ms / 1000, tpot_target_s=item.tpot_target_ms / 1000,
+                   queue_deadline_s=deadline, resumed=item.attempt > 0)
+
+
+class BatchingLoop:
+    def __init__(self, queue: Queue, policy: Policy, table: RequestTable, scheduler_id: str,
+                 tick_s: float = 0.005):
+        self.queue, self.policy, self.table, self.tick_s = queue, policy, table, tick_s
+        self.scheduler_id = scheduler_id
+        self.wake = asyncio.Event()
+        self.workers: list[WorkerView] = []
+        self.targets: dict[str, int] = {}
+        self.waiting_count = 0
+        self.last_waiting: list[Waiting] = []   # the latest snapshot (admission control reads it)
+        self.models: dict[str, str] = {}         # worker id -> model it serves
+        self._seen_steps: dict[str, int] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.tick_s)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                await self.tick(time.time())
+            except Exception:  # one bad tick must not stop scheduling
+                log.exception("batching tick failed")
+                await asyncio.sleep(0.1)
+
+    async def tick(self, now: float) -> None:
+        feedback = await self.queue.workers()
+        self.models = {fb.worker_id: fb.model for fb in feedback}
+        self.workers = [self._view(fb, now) for fb in feedback]
+        for view in self.workers:
+            if self._seen_steps.get(view.worker_id) != view.steps:
+                self._seen_steps[view.worker_id] = view.steps
+                self.policy.observe(view, now)
+        items = {i.request_id: i for i in await self.queue.waiting()}
+        self.waiting_count = len(items)
+        self.last_waiting = [to_waiting(i) for i in items.values()]
+        by_model: dict[str, list[Waiting]] = defaultdict(list)
+        for w in self.last_waiting:
+            by_model[items[w.request_id].model].append(w)
+        for model, waiting in by_model.items():
+            workers = [v for v in self.workers if self.models[v.worker_id] == model]
+            await self._carry_out(self.policy.decide(waiting, workers, now), items)
+
+    async def _carry_out(self, decision: Decision, items: dict[str, WorkItem]) -> None:
+        self.targets.update(decision.batch_targets)
+        for rid in decision.expired:
+            if await self.queue.remove_waiting(rid):
+                await self.queue.finish(rid)
+                self.table.end(rid, "failed", Failure(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                      "waited in the queue past max_queue_ms"))
+        for worker_id, ids in decision.assignments.items():
+            await self._assign(worker_id, [items[i] for i in ids if i in items], decision)
+
+    async def _assign(self, worker_id: str, items: list[WorkItem], decision: Decision) -> None:
+        for item in items:
+            item.predicted_output_tokens = decision.predicted_output_tokens.get(item.request_id, 0)
+            item.bin = decision.bins.get(item.request_id, 0)
+        now = time.monotonic()
+        ours = {i.request_id for i in items if i.scheduler_id == self.scheduler_id}
+        for rid in await self.queue.assign(worker_id, items):
+            tracked = self.table.get(rid)
+            if tracked is None and rid in ours:   # cancelled while being assigned: stop it
+                await self.queue.send_control(worker_id, WorkerControl(cancel_request_ids=[rid]))
+            elif tracked is not None:
+                tracked.worker_id, tracked.assigned_at = worker_id, now
+                tracked.item.predicted_output_tokens = decision.predicted_output_tokens.get(rid, 0)
+                tracked.item.bin = decision.bins.get(rid, 0)
+
+    def _view(self, fb: WorkerFeedback, now: float) -> WorkerView:
+        assigned = tuple(
+            Assigned(request_id=t.item.request_id, prompt_tokens=len(t.item.prompt_token_ids),
+                     predicted_output_tokens=t.item.predicted_output_tokens or t.item.max_tokens,
+                     generated_tokens=len(t.output), bin=t.item.bin)
+            for t in self.table.on_worker(fb.worker_id))
+        return WorkerView(worker_id=fb.worker_id, kv_blocks_total=fb.kv_blocks_total,
+                          kv_blocks_used=fb.kv_blocks_used, kv_block_size=fb.kv_block_size or 16,
+                          max_running=fb.max_running, max_model_len=fb.max_model_len,
+                          decode_step_ms=fb.decode_step_ms, decode_batch_size=fb.decode_batch_size,
+                          steps=fb.steps, heartbeat_age_s=max(0.0, now - fb.unix_ns / 1e9),
+                          accepting=fb.accepting, assigned=assigned)
+
+    def running_by_worker(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for t in self.table.by_id.values():
+            if t.worker_id and not t.finished:
+                counts[t.worker_id] += 1
+        return counts

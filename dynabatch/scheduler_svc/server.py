@@ -1,0 +1,95 @@
+"""Assembles the scheduler: queue, policy, batching loop, relay and the gRPC server."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dynabatch.scheduler_svc.batching import BatchingLoop
+from dynabatch.scheduler_svc.policy import PolicyConfig, make_policy
+from dynabatch.scheduler_svc.relay import Relay
+from dynabatch.scheduler_svc.requests import RequestTable
+from dynabatch.scheduler_svc.service import SchedulerService
+from dynabatch.scheduler_svc.validation import Limits, ModelInfo
+from dynabatch.v1 import scheduler_pb2, scheduler_pb2_grpc
+from dynabatch.wire import models as registry
+from dynabatch.wire.queue import Queue
+
+log = logging.getLogger("dynabatch.scheduler")
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+@dataclass
+class SchedulerConfig:
+    listen: str = "127.0.0.1:50051"
+    models: list[str] = field(default_factory=lambda: [registry.DEFAULT_MODEL])
+    policy: str = "fcfs"
+    policy_config: PolicyConfig = field(default_factory=PolicyConfig)
+    limits: Limits = field(default_factory=Limits)
+    scheduler_id: str = field(default_factory=lambda: "sched-" + uuid.uuid4().hex[:8])
+    drain_grace_s: float = 30.0
+
+
+def model_info(name: str) -> ModelInfo:
+    """What the scheduler needs of a model: tokenizer and limits (no weights)."""
+    cfg = registry.load_config(name)
+    return ModelInfo(name=name, max_model_len=registry.max_model_len(cfg),
+                     vocab_size=int(cfg.vocab_size), tokenizer=registry.load_tokenizer(name))
+
+
+class SchedulerServer:
+    def __init__(self, queue: Queue, config: SchedulerConfig) -> None:
+        self.cfg, self.queue = config, queue
+        self.policy = make_policy(config.policy, config.policy_config)
+        self.table = RequestTable()
+        self.batching = BatchingLoop(queue, self.policy, self.table, config.scheduler_id)
+        self.relay = Relay(queue, config.scheduler_id, self.table, self.policy, self.batching)
+        models = {m: model_info(m) for m in config.models}
+        self.service = SchedulerService(
+            queue=queue, policy=self.policy, table=self.table, batching=self.batching,
+            models=models, default_model=config.models[0], limits=config.limits,
+            scheduler_id=config.scheduler_id)
+        self.health = health.aio.HealthServicer()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind, start serving and the loops; returns the bound port."""
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(self.cfg.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.cfg.listen}")
+        await self.server.start()
+        self._tasks = [asyncio.create_task(self.batching.run(self._stop), name="batching"),
+                       asyncio.create_task(self.relay.run(self._stop), name="relay")]
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("scheduler %s listening on %s (policy %s, models %s)", self.cfg.scheduler_id,
+                 self.cfg.listen.rsplit(":", 1)[0] + f":{self.port}", self.cfg.policy, self.cfg.models)
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: refuse new requests, let running streams finish within the grace period."""
+        grace = self.cfg.drain_grace_s if grace_s is None else grace_s
+        self.service.accepting = False
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace)
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("scheduler %s stopped", self.cfg.scheduler_id)

@@ -1,0 +1,81 @@
+"""The queue between schedulers and workers: one interface, two backends (Redis, in-process).
+
+Life of a request in the queue:
+  scheduler  submit(item)            -> waiting
+  scheduler  assign(worker, items)   -> waiting -> that worker's assignments (one atomic step)
+  worker     pull(worker)            -> the items assigned to it (at-least-once)
+  worker     publish({sched: batch}) -> token deltas, one write per engine step
+  scheduler  read_deltas(sched)      -> relays them to clients
+  worker     ack(worker, ids)        -> finished on the worker
+  scheduler  finish(id)              -> forgotten
+Values are protobuf messages (dynabatch.v1.worker_pb2), stored as bytes, never pickle.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from dynabatch.v1.worker_pb2 import TokenDeltaBatch, WorkerControl, WorkerFeedback, WorkItem
+
+
+class QueueError(Exception):
+    """The queue backend cannot be reached or answered garbage."""
+
+
+class Queue(Protocol):
+    # -- scheduler side
+    async def submit(self, item: WorkItem) -> None:
+        """Store a validated request and add it to the waiting set."""
+
+    async def waiting(self) -> list[WorkItem]:
+        """All waiting requests, oldest first (the policy's input)."""
+
+    async def assign(self, worker_id: str, items: list[WorkItem]) -> list[str]:
+        """Move items from waiting to the worker, atomically per item; returns the ids moved.
+
+        An item no longer waiting (cancelled, or taken by another scheduler) is skipped."""
+
+    async def remove_waiting(self, request_id: str) -> bool:
+        """Take a request out of the waiting set (cancel, expiry); False if it was not waiting."""
+
+    async def requeue(self, item: WorkItem) -> None:
+        """Put a request back into the waiting set (preempted or reclaimed)."""
+
+    async def read_deltas(self, scheduler_id: str, timeout_s: float) -> list[TokenDeltaBatch]:
+        """Token deltas published for this scheduler since the last call (waits up to timeout)."""
+
+    async def send_control(self, worker_id: str, control: WorkerControl) -> None:
+        """Deliver a control message (cancellations) to a worker."""
+
+    async def workers(self) -> list[WorkerFeedback]:
+        """The latest feedback of every worker whose heartbeat has not expired."""
+
+    async def finish(self, request_id: str) -> None:
+        """Forget a request that has ended."""
+
+    # -- worker side
+    async def heartbeat(self, feedback: WorkerFeedback, ttl_s: float) -> None:
+        """Publish feedback; the worker counts as alive for ttl_s."""
+
+    async def pull(self, worker_id: str, max_items: int, timeout_s: float) -> list[WorkItem]:
+        """New items assigned to this worker (waits up to timeout_s when there are none)."""
+
+    async def read_control(self, worker_id: str) -> list[WorkerControl]:
+        """Control messages sent to this worker since the last call."""
+
+    async def publish(self, batches: dict[str, TokenDeltaBatch]) -> None:
+        """Publish one step's deltas, grouped by the scheduler that relays them, in one write."""
+
+    async def ack(self, worker_id: str, request_ids: list[str]) -> None:
+        """Mark requests finished on this worker (they will not be re-delivered)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def connect(redis_url: str | None, prefix: str = "dynabatch:") -> Queue:
+    """The Redis backend for a URL, else the in-process backend (the embedded default)."""
+    if redis_url:
+        from dynabatch.wire.redis_queue import RedisQueue
+        return RedisQueue(redis_url, prefix=prefix)
+    from dynabatch.wire.memory_queue import MemoryQueue
+    return MemoryQueue()
