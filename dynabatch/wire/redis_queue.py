@@ -182,3 +182,10 @@ class RedisQueue:
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+    async def purge(self) -> int:
+        """Delete every key under this queue's prefix (tests, `dynabatch up --redis-url`)."""
+        n = 0
+        async for key in self.redis.scan_iter(match=self.p + "*", count=500):
+            n += await self.redis.delete(key)
+        return n

@@ -46,6 +46,7 @@ class WorkerLoop:
         self.queue, self.engine, self.cfg = queue, engine, config
         self.owner: dict[str, str] = {}        # request id -> scheduler id that relays it
         self.accepting = True
+        self.drain = True        # on stop: finish running requests (False: abort them)
         self._last_beat = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -54,6 +55,10 @@ class WorkerLoop:
         await self._heartbeat(force=True)
         while not stop.is_set() or self.engine.has_work():
             self.accepting = not stop.is_set()
+            if not self.accepting and not self.drain:
+                for rid in list(self.owner):
+                    self.engine.abort(rid)
+                self.owner.clear()
             await self._iteration()
         self.accepting = False
         await self._heartbeat(force=True)

@@ -1,0 +1,163 @@
+"""The `dynabatch` command: up | scheduler | worker | generate | bench.
+
+The only module that imports everything; each subcommand's work lives in its own package.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from dynabatch.wire.models import DEFAULT_MODEL
+
+POLICY_HELP = "batching policy: static, naive, fcfs, dynamic, multibin, latency, throughput, coalescing, adaptive"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=os.environ.get("DYNABATCH_REDIS_URL"),
+                   help="Redis URL (env DYNABATCH_REDIS_URL); unset: the in-process queue")
+    p.add_argument("--redis-prefix", default=os.environ.get("DYNABATCH_REDIS_PREFIX", "dynabatch:"),
+                   help="key prefix in Redis (default dynabatch:)")
+    p.add_argument("--log-level", default=os.environ.get("DYNABATCH_LOG_LEVEL", "INFO"))
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["torch", "fake"], default="torch",
+                   help="torch: the real engine; fake: model-free (tests, load benchmarks)")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--max-running", type=int, default=256, help="most sequences run at once")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV cache blocks (default: sized from free GPU memory, or 4096 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynabatch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run scheduler + one worker locally and send a burst of requests")
+    _common(up)
+    _engine_args(up)
+    up.add_argument("--model", default=DEFAULT_MODEL, help="model name or from_pretrained path")
+    up.add_argument("--policy", default="fcfs", help=POLICY_HELP)
+    up.add_argument("--requests", type=int, default=64, help="how many requests to send")
+    up.add_argument("--max-tokens", type=int, default=32, help="largest max_tokens per request")
+    up.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+
+    sch = sub.add_parser("scheduler", help="run the scheduler service (gRPC)")
+    _common(sch)
+    sch.add_argument("--listen", default=os.environ.get("DYNABATCH_LISTEN", "0.0.0.0:50051"))
+    sch.add_argument("--model", action="append", help="model(s) served (repeatable)")
+    sch.add_argument("--policy", default=os.environ.get("DYNABATCH_POLICY", "fcfs"), help=POLICY_HELP)
+    sch.add_argument("--scheduler-id", default=os.environ.get("DYNABATCH_SCHEDULER_ID"),
+                     help="stable id (its token stream in Redis); default: random")
+    sch.add_argument("--drain-grace-s", type=float, default=30.0,
+                     help="on SIGTERM, how long running streams may finish")
+
+    wk = sub.add_parser("worker", help="run a worker: pulls work, runs the model")
+    _common(wk)
+    _engine_args(wk)
+    wk.add_argument("--model", default=os.environ.get("DYNABATCH_MODEL", DEFAULT_MODEL))
+    wk.add_argument("--worker-id", default=os.environ.get("DYNABATCH_WORKER_ID"))
+    wk.add_argument("--health-listen", default=os.environ.get("DYNABATCH_HEALTH_LISTEN", "0.0.0.0:50052"),
+                    help="grpc.health.v1 endpoint for probes")
+
+    gen = sub.add_parser("generate", help="stream one prompt's output to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--target", default=os.environ.get("DYNABATCH_TARGET", "127.0.0.1:50051"))
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--model", default="")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+    bench = sub.add_parser("bench", help="benchmarks: engine, simulate, replay, capacity, report")
+    _mount_bench(bench.add_subparsers(dest="bench_command", required=True))
+    return parser
+
+
+def _mount_bench(sub) -> None:
+    try:
+        from dynabatch.bench import engine_bench
+        eng = sub.add_parser("engine", help="offline engine throughput (tok/s, ms/step, % roofline)")
+        engine_bench.add_arguments(eng)
+        eng.set_defaults(bench_run=engine_bench.run)
+    except ImportError:
+        pass
+    try:
+        from dynabatch.bench import commands
+        commands.add_subcommands(sub)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        return int(args.bench_run(args) or 0)
+    if args.command == "generate":
+        from dynabatch.cli.generate import generate
+        return generate(args)
+    if args.command == "up":
+        from dynabatch.cli.up import up
+        return asyncio.run(up(args))
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if not args.redis_url:
+        print(f"dynabatch {args.command}: --redis-url is required (separate processes meet in "
+              "Redis; `dynabatch up` runs everything in one process without it)", file=sys.stderr)
+        return 2
+    from dynabatch.wire.queue import connect
+    queue = connect(args.redis_url, args.redis_prefix)
+    try:
+        if args.command == "scheduler":
+            await _scheduler(args, queue, stop)
+        else:
+            await _worker(args, queue, stop)
+    finally:
+        await queue.close()
+    return 0
+
+
+async def _scheduler(args, queue, stop: asyncio.Event) -> None:
+    from dynabatch.scheduler_svc.server import SchedulerConfig, SchedulerServer
+    cfg = SchedulerConfig(listen=args.listen, models=args.model or [DEFAULT_MODEL],
+                          policy=args.policy, drain_grace_s=args.drain_grace_s)
+    if args.scheduler_id:
+        cfg.scheduler_id = args.scheduler_id
+    server = SchedulerServer(queue, cfg)
+    await server.start()
+    await stop.wait()
+    await server.stop()
+
+
+async def _worker(args, queue, stop: asyncio.Event) -> None:
+    from dynabatch.worker_svc.app import build, new_worker_id, run_worker
+    from dynabatch.worker_svc.loop import WorkerConfig
+    cfg = WorkerConfig(worker_id=args.worker_id or new_worker_id(), model=args.model)
+    await run_worker(queue, cfg, lambda: build(args.engine, args.model, **engine_options(args)),
+                     stop, args.health_listen)
+
+
+def engine_options(args) -> dict:
+    """Engine keyword arguments from the CLI flags."""
+    if args.engine == "fake":
+        return {"max_running": args.max_running,
+                **({"num_kv_blocks": args.kv_blocks} if args.kv_blocks else {})}
+    return {"device": args.device, "max_running": args.max_running, "num_kv_blocks": args.kv_blocks}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
