@@ -1,1 +1,55 @@
 """The engine: runs the model with continuous batching over a paged KV cache (see api.py)."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from dynabatch.worker_svc.engine.api import (Engine, EngineStats, Sampling, SequenceRequest,
+                                             TokenOutput)
+
+if TYPE_CHECKING:
+    from dynabatch.worker_svc.engine.engine import PagedEngine
+
+__all__ = ["Engine", "EngineStats", "Sampling", "SequenceRequest", "TokenOutput", "build_engine",
+           "CPU_DEFAULT_BLOCKS"]
+
+# Without a GPU there is no free memory to size the pool from: this many blocks by default.
+CPU_DEFAULT_BLOCKS = 2048
+
+
+def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None = None,
+                 num_kv_blocks: int | None = None, kv_fraction: float = 0.9,
+                 block_size: int = 16, max_running: int = 256, prefill_token_budget: int = 8192,
+                 cuda_graphs: bool = True, seed: int = 0) -> "PagedEngine":
+    """Load `model` (named shape or from_pretrained path), size the KV pool, capture graphs.
+
+    On CUDA without `num_kv_blocks`, the pool takes `kv_fraction` of the memory still free once
+    the weights are loaded. The returned engine's `startup_s` is the measured build time.
+    """
+    from dynabatch.wire import models
+    from dynabatch.worker_svc.engine import kv_cache, loader
+    from dynabatch.worker_svc.engine.engine import PagedEngine
+
+    t0 = time.perf_counter()
+    dev = loader.resolve_device(device)
+    dt = dtype or loader.default_dtype(dev)
+    net = loader.load_model(model, dev, dt, seed)
+    config = net.config
+    if num_kv_blocks is None:
+        if dev.type == "cuda":
+            num_kv_blocks = kv_cache.blocks_from_memory(config, block_size, dt, dev, kv_fraction)
+        else:
+            num_kv_blocks = CPU_DEFAULT_BLOCKS
+    kv = kv_cache.KVCache(config, num_kv_blocks, block_size, dt, dev)
+    engine = PagedEngine(net, kv, dev, max_running=max_running,
+                         prefill_token_budget=prefill_token_budget,
+                         max_model_len=models.max_model_len(config),
+                         eos_token_ids=models.eos_token_ids(config), cuda_graphs=cuda_graphs,
+                         seed=seed)
+    engine.runner.capture()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    engine.startup_s = time.perf_counter() - t0
+    return engine

@@ -1,0 +1,78 @@
+"""Token sampling on the device: greedy, temperature, top-k, top-p, per-request seeds.
+
+Random rows draw by the exponential race (argmax of p / E with E ~ Exp(1)), which equals sampling
+from p and needs no multinomial. A seeded request draws its noise from a generator re-seeded with
+(seed, output index), so its tokens depend only on its own seed and position: the same under any
+batching, after a preemption, or when resumed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dynabatch.worker_svc.engine.api import Sampling
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    sampling: Sampling
+    output_index: int   # index of the token being drawn in the request's output
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self._gen = torch.Generator(device=device)
+        self._gen.manual_seed(seed)
+        self._row_gen = torch.Generator(device=device)
+
+    def __call__(self, logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] (on device)."""
+        greedy = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(rows) if r.sampling.temperature > 0]
+        if not random_rows:
+            return greedy
+        idx = torch.tensor(random_rows, device=logits.device)
+        sub = [rows[i].sampling for i in random_rows]
+        probs = _filtered_probs(logits.index_select(0, idx).float(), sub)
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(random_rows):
+            s = rows[i]
+            if s.sampling.seed is None:
+                noise[j].exponential_(generator=self._gen)
+            else:
+                self._row_gen.manual_seed(_mix(s.sampling.seed, s.output_index))
+                noise[j].exponential_(generator=self._row_gen)
+        drawn = (probs / noise).argmax(dim=-1)
+        return greedy.index_copy(0, idx, drawn)
+
+
+def _filtered_probs(logits: torch.Tensor, rows: list[Sampling]) -> torch.Tensor:
+    """Softmax of logits / temperature with each row's top-k and top-p cut applied."""
+    dev = logits.device
+    temp = torch.tensor([r.temperature for r in rows], device=dev, dtype=logits.dtype)
+    logits = logits / temp[:, None]
+    if all(r.top_k <= 0 for r in rows) and all(r.top_p >= 1.0 for r in rows):
+        return torch.softmax(logits, dim=-1)
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in rows], device=dev)
+    top_p = torch.tensor([r.top_p for r in rows], device=dev, dtype=logits.dtype)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=dev)[None, :]
+    cut = rank >= top_k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(cut, float("-inf")), dim=-1)
+    # Keep a token while the mass before it is below top_p (the first token always stays).
+    before = probs.cumsum(dim=-1) - probs
+    cut |= before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+    filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return torch.softmax(filtered, dim=-1)
+
+
+def _mix(seed: int, index: int) -> int:
+    """A 63-bit generator seed from (request seed, output index) (splitmix64 finaliser)."""
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF

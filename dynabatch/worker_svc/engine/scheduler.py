@@ -1,0 +1,128 @@
+"""Which sequences run in the next step: chunked-prefill admission, decode, preemption."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dynabatch.worker_svc.engine.kv_cache import KVCache
+from dynabatch.worker_svc.engine.sequence import Sequence
+
+
+@dataclass
+class PrefillChunk:
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def wants_logits(self) -> bool:
+        """The chunk reaches the last known token, so its logits give the next one."""
+        return self.end == len(self.seq.tokens)
+
+
+class Scheduler:
+    """Waiting and running queues over one KV pool.
+
+    Steps alternate between a prefill step (chunks of waiting or partly prefilled sequences,
+    at most `token_budget` tokens) and a decode step (one token for every running sequence that
+    is fully prefilled) whenever both kinds of work exist, so neither starves. A new sequence is
+    admitted only if one free block per running sequence stays in reserve, so decodes rarely
+    preempt; when they must, the lowest-priority, latest-arrived running sequence is preempted
+    by recompute.
+    """
+
+    def __init__(self, kv: KVCache, max_running: int, token_budget: int) -> None:
+        self.kv = kv
+        self.alloc = kv.allocator
+        self.block_size = kv.block_size
+        self.max_running = max_running
+        self.token_budget = token_budget
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+        self._last_was_prefill = False
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for s in self.running + self.waiting:
+            if s.request_id == request_id:
+                return s
+        return None
+
+    def drop(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.table.release(self.alloc)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[PrefillChunk] | list[Sequence]:
+        """Prefill chunks, or sequences to decode, or [] when nothing can run."""
+        decodable = any(not s.needs_prefill for s in self.running)
+        prefill_work = any(s.needs_prefill for s in self.running) or (
+            self.waiting and len(self.running) < self.max_running)
+        if prefill_work and (not decodable or not self._last_was_prefill):
+            chunks = self._schedule_prefill()
+            if chunks:
+                self._last_was_prefill = True
+                return chunks
+        self._last_was_prefill = False
+        return self._schedule_decode() if decodable else []
+
+    def _schedule_prefill(self) -> list[PrefillChunk]:
+        budget = self.token_budget
+        chunks: list[PrefillChunk] = []
+        for seq in sorted((s for s in self.running if s.needs_prefill), key=Sequence.sort_key):
+            chunk = self._fit(seq, budget, reserve=0)
+            if chunk is None:
+                break
+            chunks.append(chunk)
+            budget -= chunk.end - chunk.start
+        self.waiting.sort(key=Sequence.sort_key)
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            chunk = self._fit(self.waiting[0], budget, reserve=len(self.running))
+            if chunk is None:
+                break
+            self.running.append(self.waiting.pop(0))
+            chunks.append(chunk)
+            budget -= chunk.end - chunk.start
+        return chunks
+
+    def _fit(self, seq: Sequence, budget: int, reserve: int) -> PrefillChunk | None:
+        """The longest chunk of seq's missing tokens that fits the budget and the free blocks."""
+        room = seq.table.capacity(self.block_size) - seq.num_computed
+        room += max(0, self.alloc.free - reserve) * self.block_size
+        n = min(len(seq.tokens) - seq.num_computed, budget, room)
+        if n <= 0:
+            return None
+        end = seq.num_computed + n
+        if not seq.table.ensure(self.alloc, end, self.block_size):
+            raise RuntimeError("block accounting out of step with the allocator")
+        return PrefillChunk(seq, seq.num_computed, end)
+
+    def _schedule_decode(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        for seq in sorted((s for s in self.running if not s.needs_prefill),
+                          key=Sequence.sort_key):
+            if seq not in self.running:        # preempted earlier in this loop
+                continue
+            while not seq.table.ensure(self.alloc, seq.num_computed + 1, self.block_size):
+                victim = max(self.running, key=Sequence.sort_key)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(seq)
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        seq.table.release(self.alloc)
+        seq.num_computed = 0
+        self.waiting.append(seq)
+        self.preemptions += 1
