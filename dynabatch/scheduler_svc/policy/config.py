@@ -1,0 +1,112 @@
+"""Every knob of the batching policies, with defaults, and the named presets.
+
+The nine policy names are configurations of one implementation (policies.BatchingPolicy): a
+preset only overrides fields of PolicyConfig.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Batching = Literal["continuous", "static", "window"]
+Controller = Literal["fixed", "dynamic"]
+Ordering = Literal["fifo", "priority"]
+BinKey = Literal["output", "prompt"]
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    # --- shape of the policy (set by presets) ---
+    # continuous: top up running batches every decision; static: fixed batch B to an idle worker,
+    # sent when B wait or the oldest waited static_timeout_s; window: everything that arrived in
+    # a naive_window_s window to an idle worker. static and window run batches to completion.
+    batching: Batching = "continuous"
+    # fixed: b_target = max_num_seqs (vLLM's default); dynamic: min(b_mem, b_SLA) (Alg. 1 + 2).
+    controller: Controller = "dynamic"
+    ordering: Ordering = "priority"          # fifo: arrival order (resumed first)
+    num_bins: int = 1                        # > 1: multi-bin (per-bin controllers)
+    bin_key: BinKey = "output"               # bin by predicted output (multi-bin) or prompt (coalescing)
+    # Reserve KV for prompt + predicted output (Alg. 1); False: prompt and generated tokens only
+    # (vLLM's admission: it preempts when sequences outgrow memory).
+    reserve_output: bool = True
+
+    # --- Algorithm 1: memory ---
+    b_min: int = 1
+    b_max: int = 256
+    eta: float = 0.95                 # memory factor: share of KV blocks the batch may plan on
+    few_running: int = 4              # below this many running, blocks/seq come from predictions
+
+    # --- Algorithm 2: SLA band on measured per-token decode latency ---
+    tpot_target_s: float = 0.05       # default TPOT target (per output token)
+    ttft_target_s: float = 2.0        # default TTFT target
+    eps: float = 0.05                 # dead band, as a fraction of the TPOT target
+    alpha: int = 8                    # band growth (sequences) when latency has headroom
+    delta: int = 4                    # b_low decrease (sequences) on a violation
+
+    # --- selection ---
+    max_wait_s: float = 10.0          # past it a request is forced in whenever memory allows
+    short_job_weight: float = 1.0     # short-job bonus = weight / (1 + predicted / short_job_tokens)
+    short_job_tokens: int = 128
+    prefill_token_budget: int = 8192  # prompt tokens sent to one worker per decision (TTFT)
+
+    # --- admission ---
+    max_queue_requests: int = 10_000
+    max_queue_tokens: int = 4_000_000  # prompt + max_tokens of all waiting requests
+
+    # --- baselines ---
+    max_num_seqs: int = 64            # fcfs (controller=fixed)
+    static_batch_size: int = 8        # static
+    static_timeout_s: float = 1.0
+    naive_window_s: float = 0.5       # window
+
+    # --- length prediction and bins ---
+    predict_quantile: float = 0.9     # of recent outputs in the prompt-length bucket
+    predict_min_samples: int = 8
+    history_size: int = 512           # completions kept per bucket and for bin boundaries
+    bin_refresh: int = 200            # completions between bin-boundary re-estimates
+
+    # --- workers ---
+    stale_heartbeat_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.b_min <= self.b_max:
+            raise ValueError("need 1 <= b_min <= b_max")
+        if not 0.0 < self.eta <= 1.0:
+            raise ValueError("eta must be in (0, 1]")
+        if self.num_bins < 1:
+            raise ValueError("num_bins must be >= 1")
+        if self.tpot_target_s <= 0 or self.max_wait_s <= 0:
+            raise ValueError("tpot_target_s and max_wait_s must be > 0")
+
+
+# Each name overrides these fields of the config it is given.
+PRESETS: dict[str, dict[str, object]] = {
+    # Baselines (honest comparison): seed 002's static_fifo, seed 000's naive window, vLLM FCFS.
+    "static": dict(batching="static", controller="fixed", ordering="fifo", num_bins=1),
+    "naive": dict(batching="window", controller="fixed", ordering="fifo", num_bins=1),
+    "fcfs": dict(batching="continuous", controller="fixed", ordering="fifo", num_bins=1,
+                 reserve_output=False),
+    # Alg. 1 + 2 on one queue, and with K bins by predicted output length.
+    "dynamic": dict(batching="continuous", controller="dynamic", ordering="priority", num_bins=1),
+    "multibin": dict(batching="continuous", controller="dynamic", ordering="priority",
+                     num_bins=4, bin_key="output"),
+    # Seed 001's strategies as configurations of the dynamic policy.
+    "latency": dict(batching="continuous", controller="dynamic", ordering="priority", num_bins=1,
+                    b_max=32, prefill_token_budget=2048, short_job_weight=2.0),
+    "throughput": dict(batching="continuous", controller="dynamic", ordering="priority",
+                       num_bins=1, b_max=512, eta=0.98, tpot_target_s=0.1,
+                       prefill_token_budget=32768, short_job_weight=0.25),
+    "coalescing": dict(batching="continuous", controller="dynamic", ordering="priority",
+                       num_bins=4, bin_key="prompt"),
+    "adaptive": dict(batching="continuous", controller="dynamic", ordering="priority",
+                     num_bins=1),
+}
+
+POLICY_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+
+def preset(name: str, config: PolicyConfig | None = None) -> PolicyConfig:
+    """`config` (default PolicyConfig()) with the preset `name` applied; ValueError if unknown."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    return replace(config or PolicyConfig(), **PRESETS[name])  # type: ignore[arg-type]

@@ -1,0 +1,224 @@
+"""BatchingPolicy: the one implementation behind every policy name (config.PRESETS).
+
+decide() in four steps: expire, refresh the controllers from fresh feedback, compute each
+eligible worker's batch targets (fixed, or Alg. 1 + 2 per bin), then hand out requests in the
+policy's order to the worker with the most headroom. Pure: time is the `now` argument.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+from . import admission
+from .bins import BinBoundaries
+from .config import PolicyConfig, preset
+from .memory import b_mem, blocks_per_seq
+from .predict import HistoryPredictor, LengthPredictor
+from .priority import fifo_key, forced, priority_key
+from .sla import SlaController
+from .slots import WorkerSlot, dominant_bin, eligible
+from .types import Admission, Decision, Waiting, WorkerView
+
+
+class BatchingPolicy:
+    def __init__(self, name: str, config: PolicyConfig,
+                 predictor: LengthPredictor | None = None) -> None:
+        c = self.config = config
+        self.name = name
+        self.predictor: LengthPredictor = predictor or HistoryPredictor(
+            c.predict_quantile, c.predict_min_samples, c.history_size, c.bin_refresh)
+        self.bins = BinBoundaries(c.num_bins, c.history_size, c.bin_refresh)
+        self.controllers: dict[tuple[str, int], SlaController] = {}
+        self.targets: dict[str, int] = {}        # last b_target per worker (admission estimates)
+        self.mean_output = 0.0                   # EWMA of completed output lengths
+        self._steps: dict[str, int] = {}
+        self._window_start: float | None = None
+        self._cache: dict[str, tuple[int, int]] = {}   # id -> (predicted output, bin)
+        self._cache_version = (-1, -1)
+
+    # ---- feedback -------------------------------------------------------------------------
+    def observe(self, worker: WorkerView, now: float) -> None:
+        """Alg. 2 update of the worker's (dominant-bin) controller, only on a fresh measurement
+        (steps advanced) of a non-empty batch."""
+        if self.config.controller != "dynamic":
+            return
+        last = self._steps.get(worker.worker_id)
+        if last is not None and worker.steps <= last:
+            return
+        self._steps[worker.worker_id] = worker.steps
+        if worker.decode_step_ms <= 0 or worker.decode_batch_size <= 0 or worker.steps <= 0:
+            return
+        bin_ = dominant_bin(worker) or 0
+        self.controller(worker.worker_id, bin_).update(
+            worker.decode_step_ms / 1000.0, worker.decode_batch_size, self.config.tpot_target_s)
+
+    def on_finish(self, request_id: str, prompt_tokens: int, output_tokens: int,
+                  now: float) -> None:
+        self.predictor.observe(prompt_tokens, output_tokens)
+        self.bins.observe(prompt_tokens if self.config.bin_key == "prompt" else output_tokens)
+        self.mean_output = (output_tokens if self.mean_output == 0
+                            else 0.95 * self.mean_output + 0.05 * output_tokens)
+        self._cache.pop(request_id, None)
+
+    def controller(self, worker_id: str, bin_: int) -> SlaController:
+        key = (worker_id, bin_)
+        ctl = self.controllers.get(key)
+        if ctl is None:
+            c = self.config
+            ctl = self.controllers[key] = SlaController(c.b_min, c.b_max, c.eps, c.alpha, c.delta)
+        return ctl
+
+    # ---- admission ------------------------------------------------------------------------
+    def admit(self, req: Waiting, waiting: Sequence[Waiting], workers: Sequence[WorkerView],
+              now: float) -> Admission:
+        predicted = self.predict(req)[0]
+        return admission.admit(req, predicted, waiting, workers, self.targets,
+                               self.mean_output or predicted, now, self.config)
+
+    # ---- decision -------------------------------------------------------------------------
+    def predict(self, req: Waiting) -> tuple[int, int]:
+        """(predicted output tokens, bin), cached per request until the tables change."""
+        version = (self.predictor.version, self.bins.version)
+        if version != self._cache_version:
+            self._cache.clear()
+            self._cache_version = version
+        hit = self._cache.get(req.request_id)
+        if hit is None:
+            pred = self.predictor.predict(req.prompt_tokens, req.max_tokens,
+                                          req.expected_output_tokens)
+            key = req.prompt_tokens if self.config.bin_key == "prompt" else pred
+            hit = self._cache[req.request_id] = (pred, self.bins.bin_of(key))
+        return hit
+
+    def decide(self, waiting: Sequence[Waiting], workers: Sequence[WorkerView],
+               now: float) -> Decision:
+        c = self.config
+        decision = Decision()
+        live: list[Waiting] = []
+        for r in waiting:
+            if r.queue_deadline_s is not None and r.queue_deadline_s <= now:
+                decision.expired.append(r.request_id)
+            else:
+                live.append(r)
+        if len(self._cache) > 2 * len(waiting) + 1024:
+            self._cache.clear()
+        for w in workers:
+            self.observe(w, now)
+        slots = [self._slot(w, live, decision) for w in workers if eligible(w, c)]
+        if c.batching == "continuous":
+            if live:
+                self._fill(live, slots, now, decision)
+        else:                                   # run to completion: idle workers only
+            slots = [s for s in slots if not s.worker.assigned]
+            self._fill_batches(live, slots, now, decision)
+        for s in slots:
+            if s.taken:
+                decision.assignments[s.worker.worker_id] = s.taken
+        return decision
+
+    def _batch_due(self, live: list[Waiting], now: float) -> bool:
+        """static: B waiting or the oldest waited static_timeout_s; window: the window opened by
+        the oldest request waiting since the last dispatch has closed (seed 000's naive)."""
+        c = self.config
+        if not live:
+            return False
+        oldest = min(r.arrival_s for r in live)
+        if c.batching == "static":
+            return len(live) >= c.static_batch_size or now - oldest >= c.static_timeout_s
+        if self._window_start is None:
+            self._window_start = oldest
+        return now - self._window_start >= c.naive_window_s
+
+    def _fixed_target(self, w: WorkerView) -> int:
+        c = self.config
+        cap = {"continuous": c.max_num_seqs, "static": c.static_batch_size,
+               "window": c.b_max}[c.batching]
+        return min(cap, w.max_running) if w.max_running > 0 else cap
+
+    def _slot(self, w: WorkerView, live: list[Waiting], decision: Decision) -> WorkerSlot:
+        c = self.config
+        hard_cap = min(c.b_max, w.max_running) if w.max_running > 0 else c.b_max
+        if c.controller == "fixed":
+            targets = {b: self._fixed_target(w) for b in range(c.num_bins)}
+        else:
+            targets = {}
+            mean_tokens = self._mean_tokens(live, w)
+            for b in range(c.num_bins):
+                per_seq = (blocks_per_seq(w, mean_tokens[b] / w.kv_block_size, c.few_running)
+                           if c.num_bins == 1 else max(mean_tokens[b] / w.kv_block_size, 1.0))
+                m = b_mem(w.kv_blocks_total, c.eta, per_seq, len(w.assigned), c.b_min, c.b_max)
+                s = self.controller(w.worker_id, b).b_sla
+                targets[b] = min(m, s, hard_cap)
+                if c.num_bins > 1:
+                    decision.bin_targets[(w.worker_id, b)] = targets[b]
+                if b == (dominant_bin(w) or 0):
+                    decision.b_mem[w.worker_id], decision.b_sla[w.worker_id] = m, s
+        main = targets[dominant_bin(w) or 0]
+        decision.batch_targets[w.worker_id] = self.targets[w.worker_id] = main
+        budget = c.prefill_token_budget if c.batching == "continuous" else 1 << 62
+        return WorkerSlot(w, targets, hard_cap, c.reserve_output, budget)
+
+    def _mean_tokens(self, live: list[Waiting], w: WorkerView) -> list[float]:
+        """Mean planned tokens (prompt + predicted output) per bin, over the worker's assigned
+        requests and the head of the queue: Alg. 1's blocks/seq "from predicted lengths"."""
+        k = self.config.num_bins
+        total, count = [0.0] * k, [0] * k
+        for a in w.assigned:
+            total[a.bin] += a.prompt_tokens + a.predicted_output_tokens
+            count[a.bin] += 1
+        for r in live[:256]:
+            pred, b = self.predict(r)
+            total[b] += r.prompt_tokens + pred
+            count[b] += 1
+        overall = sum(total) / max(sum(count), 1)
+        return [total[b] / count[b] if count[b] else max(overall, 1.0) for b in range(k)]
+
+    def _fill(self, live: list[Waiting], slots: list[WorkerSlot], now: float,
+              decision: Decision) -> None:
+        """Continuous batching: top up every worker, requests in policy order, each to the
+        worker with the most headroom that fits it. Forced requests (past max_wait) come first
+        and only memory or the hard cap stops them. FCFS never lets a later request overtake."""
+        c = self.config
+        prioritised = c.ordering == "priority"
+        keys = [(priority_key(r, self.predict(r)[0], now, c) if prioritised else fifo_key(r), i)
+                for i, r in enumerate(live)]
+        capacity = sum(s.hard_cap - s.running for s in slots)
+        head = heapq.nsmallest(4 * capacity + 16, keys)
+        order = head if len(head) == len(keys) else head + sorted(set(keys) - set(head))
+        for _, i in order:
+            r = live[i]
+            force = prioritised and forced(r, now, c)
+            if not force and not any(s.open() for s in slots):
+                break                            # forced ones sort first: none are left
+            if not self._place(r, slots, force, decision) and not prioritised:
+                break
+
+    def _fill_batches(self, live: list[Waiting], slots: list[WorkerSlot], now: float,
+                      decision: Decision) -> None:
+        """static / window: whole batches in arrival order, each to an idle worker, when due."""
+        queue = sorted(live, key=fifo_key)
+        for s in sorted(slots, key=lambda s: s.headroom(0), reverse=True):
+            if not self._batch_due(queue, now):
+                break
+            rest = [r for r in queue if not self._place(r, [s], False, decision)]
+            if len(rest) < len(queue) and self.config.batching == "window":
+                self._window_start = None
+            queue = rest
+
+    def _place(self, r: Waiting, slots: list[WorkerSlot], force: bool,
+               decision: Decision) -> bool:
+        pred, bin_ = self.predict(r)
+        fitting = [s for s in slots if s.fits(r.prompt_tokens, pred, bin_, force)]
+        if not fitting:
+            return False
+        best = max(fitting, key=lambda s: s.headroom(bin_))
+        best.take(r.request_id, r.prompt_tokens, pred, bin_)
+        decision.predicted_output_tokens[r.request_id] = pred
+        decision.bins[r.request_id] = bin_
+        return True
+
+
+def make_policy(name: str, config: PolicyConfig | None = None) -> BatchingPolicy:
+    """The policy `name` (one of POLICY_NAMES) on `config`; ValueError for an unknown name."""
+    return BatchingPolicy(name, preset(name, config))
+
