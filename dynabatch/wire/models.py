@@ -21,15 +21,18 @@ _LLAMA_1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num
                  tie_word_embeddings=True)
 
 # Randomly initialised models of real architectures (no download needed). Same cost to run as the
-# trained models of the same shape; their output is gibberish.
+# trained models of the same shape; their output is gibberish. The tiny ones use a wide init
+# (initializer_range 0.2) so greedy output varies with context: with the default 0.02 a random
+# model repeats one token, and tests comparing outputs would prove nothing.
 NAMED_SHAPES: dict[str, dict] = {
     "tiny-random-llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                              vocab_size=260, max_position_embeddings=2048, tie_word_embeddings=True),
+                              vocab_size=260, max_position_embeddings=2048, tie_word_embeddings=True,
+                              initializer_range=0.2),
     "tiny-random-qwen3": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                               intermediate_size=128, vocab_size=260, max_position_embeddings=2048,
-                              tie_word_embeddings=True),
+                              tie_word_embeddings=True, initializer_range=0.2),
     "llama-3.2-1b-shape": _LLAMA_1B,
     "llama-3.1-8b-shape": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
                                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
