@@ -1,0 +1,144 @@
+"""Metrics shared by the simulator and replay: per-request records in, one summary out.
+
+Definitions (identical for both sources):
+- TTFT = first token - arrival; TPOT = (finish - first token) / (output tokens - 1), 0 for one
+  token; queue time = assignment to a worker - arrival.
+- A request meets its SLA when it completed with TTFT <= its TTFT target and TPOT <= its TPOT
+  target. Attainment = met / ALL requests offered (rejected, expired, failed and unfinished count
+  as misses, so turning work away never raises attainment).
+- Goodput = SLA-meeting requests per second; throughput = completed requests (and output tokens)
+  per second; both over the span from the first arrival to the last completion.
+- Latency percentiles are over completed requests.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+
+
+class Outcome(str, enum.Enum):
+    PENDING = "pending"      # never finished (the run ended first)
+    OK = "ok"
+    REJECTED = "rejected"    # admission control (RESOURCE_EXHAUSTED)
+    EXPIRED = "expired"      # waited past its queue deadline
+    FAILED = "failed"        # any other error (replay)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    ttft_target_s: float
+    tpot_target_s: float
+    assigned_s: float = -1.0
+    first_token_s: float = -1.0
+    finish_s: float = -1.0
+    outcome: Outcome = Outcome.PENDING
+    preemptions: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def tpot(self) -> float:
+        n = self.output_tokens - 1
+        return (self.finish_s - self.first_token_s) / n if n > 0 else 0.0
+
+    @property
+    def met(self) -> bool:
+        # A tiny tolerance: simulated times are sums of floats.
+        return (self.outcome is Outcome.OK and self.ttft <= self.ttft_target_s + 1e-9
+                and self.tpot <= self.tpot_target_s + 1e-9)
+
+
+@dataclass(slots=True)
+class TimelineSample:
+    t: float
+    worker: str
+    batch: float            # mean running batch over the feedback period
+    running: int
+    kv_used: float          # share of the worker's KV blocks in use
+    waiting: int            # scheduler queue
+    worker_queue: int       # assigned, not yet running
+
+
+@dataclass
+class RunResult:
+    records: list[RequestRecord]
+    timeline: list[TimelineSample] = field(default_factory=list)
+    label: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of an ascending list; NaN when empty."""
+    if not sorted_values:
+        return math.nan
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def _pcts(values: list[float], scale: float = 1000.0) -> dict[str, float]:
+    v = sorted(values)
+    return {f"p{q}": percentile(v, q) * scale for q in (50, 90, 99)} | {
+        "mean": (sum(v) / len(v) * scale) if v else math.nan}
+
+
+def summarize(result: RunResult) -> dict:
+    """The summary dict of one run (times in ms in the latency blocks, seconds elsewhere)."""
+    recs = result.records
+    n = len(recs)
+    done = [r for r in recs if r.outcome is Outcome.OK]
+    counts = {o.value: 0 for o in Outcome}
+    for r in recs:
+        counts[r.outcome.value] += 1
+    start = min((r.arrival_s for r in recs), default=0.0)
+    end = max([r.finish_s for r in done] + [r.arrival_s for r in recs] or [0.0])
+    span = max(end - start, 1e-9)
+    met = sum(1 for r in done if r.met)
+    out_tokens = sum(r.output_tokens for r in done)
+    arrivals_span = max(r.arrival_s for r in recs) - start if n > 1 else 0.0
+    tl = result.timeline
+    summary = {
+        "label": result.label,
+        "requests": n,
+        "offered_rps": (n - 1) / arrivals_span if arrivals_span > 0 else math.nan,
+        "counts": counts,
+        "span_s": span,
+        "throughput_rps": len(done) / span,
+        "output_tok_s": out_tokens / span,
+        "goodput_rps": met / span,
+        "sla_attainment": met / n if n else math.nan,
+        "ttft_ms": _pcts([r.ttft for r in done]),
+        "tpot_ms": _pcts([r.tpot for r in done if r.output_tokens > 1]),
+        "queue_ms": _pcts([r.assigned_s - r.arrival_s for r in recs if r.assigned_s >= 0]),
+        "e2e_ms": _pcts([r.finish_s - r.arrival_s for r in done]),
+        "preempted_requests": sum(1 for r in recs if r.preemptions),
+        "mean_batch": sum(s.batch for s in tl) / len(tl) if tl else math.nan,
+        "mean_kv_used": sum(s.kv_used for s in tl) / len(tl) if tl else math.nan,
+        "max_kv_used": max((s.kv_used for s in tl), default=math.nan),
+        "meta": {k: v for k, v in result.meta.items() if k != "provenance"},
+    }
+    return summary
+
+
+def littles_law(result: RunResult) -> tuple[float, float]:
+    """(L measured by the run's time integral of requests in system, lambda * W from records).
+
+    Only for runs whose meta carries ``in_system_area`` (the simulator's)."""
+    recs = [r for r in result.records if r.outcome is not Outcome.REJECTED]
+    start = min(r.arrival_s for r in recs)
+    ends = [r.finish_s for r in recs if r.outcome is Outcome.OK]
+    end = max(ends + [r.arrival_s for r in recs])
+    sojourn = sum(r.finish_s - r.arrival_s for r in recs if r.outcome is Outcome.OK)
+    lam = len(recs) / (end - start)
+    w = sojourn / len(recs)
+    return result.meta["in_system_area"] / (end - start), lam * w
+
+
+def records_to_json(result: RunResult) -> list[dict]:
+    return [asdict(r) | {"outcome": r.outcome.value} for r in result.records]
