@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random checkpoints saved to disk, loaded through from_pretrained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dynabatch.wire import models
+
+
+def save_tiny(name: str, path: Path) -> Path:
+    torch.manual_seed(1234)
+    net = AutoModelForCausalLM.from_config(models.load_config(name))
+    net.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny("tiny-random-llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny("tiny-random-qwen3", tmp_path_factory.mktemp("qwen3"))
