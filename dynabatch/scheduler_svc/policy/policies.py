@@ -7,6 +7,7 @@ policy's order to the worker with the most headroom. Pure: time is the `now` arg
 from __future__ import annotations
 
 import heapq
+import itertools
 from typing import Sequence
 
 from . import admission
@@ -14,10 +15,12 @@ from .bins import BinBoundaries
 from .config import PolicyConfig, preset
 from .memory import b_mem, blocks_per_seq
 from .predict import HistoryPredictor, LengthPredictor
-from .priority import fifo_key, forced, priority_key
+from .priority import base_key, deadline_of, fifo_key, key_at
 from .sla import SlaController
 from .slots import WorkerSlot, dominant_bin, eligible
 from .types import Admission, Decision, Waiting, WorkerView
+
+_Entry = tuple[int, int, float, float | None]  # pred, bin, base key, deadline
 
 
 class BatchingPolicy:
@@ -33,7 +36,7 @@ class BatchingPolicy:
         self.mean_output = 0.0                   # EWMA of completed output lengths
         self._steps: dict[str, int] = {}
         self._window_start: float | None = None
-        self._cache: dict[str, tuple[int, int]] = {}   # id -> (predicted output, bin)
+        self._cache: dict[str, _Entry] = {}
         self._cache_version = (-1, -1)
 
     # ---- feedback -------------------------------------------------------------------------
@@ -71,42 +74,51 @@ class BatchingPolicy:
     # ---- admission ------------------------------------------------------------------------
     def admit(self, req: Waiting, waiting: Sequence[Waiting], workers: Sequence[WorkerView],
               now: float) -> Admission:
+        self._sync_cache(len(waiting))
         predicted = self.predict(req)[0]
         return admission.admit(req, predicted, waiting, workers, self.targets,
                                self.mean_output or predicted, now, self.config)
 
     # ---- decision -------------------------------------------------------------------------
     def predict(self, req: Waiting) -> tuple[int, int]:
-        """(predicted output tokens, bin), cached per request until the tables change."""
-        version = (self.predictor.version, self.bins.version)
-        if version != self._cache_version:
-            self._cache.clear()
-            self._cache_version = version
+        """(predicted output tokens, bin) of a request."""
+        e = self._entry(req)
+        return e[0], e[1]
+
+    def _entry(self, req: Waiting) -> _Entry:
+        """Per-request facts cached until the prediction or bin tables change."""
         hit = self._cache.get(req.request_id)
         if hit is None:
+            c = self.config
             pred = self.predictor.predict(req.prompt_tokens, req.max_tokens,
                                           req.expected_output_tokens)
-            key = req.prompt_tokens if self.config.bin_key == "prompt" else pred
-            hit = self._cache[req.request_id] = (pred, self.bins.bin_of(key))
+            bin_ = self.bins.bin_of(req.prompt_tokens if c.bin_key == "prompt" else pred)
+            hit = (pred, bin_, base_key(req, pred, c), deadline_of(req))
+            self._cache[req.request_id] = hit
         return hit
+
+    def _sync_cache(self, n_waiting: int) -> None:
+        version = (self.predictor.version, self.bins.version)
+        if version != self._cache_version or len(self._cache) > 2 * n_waiting + 1024:
+            self._cache.clear()
+            self._cache_version = version
 
     def decide(self, waiting: Sequence[Waiting], workers: Sequence[WorkerView],
                now: float) -> Decision:
         c = self.config
         decision = Decision()
+        self._sync_cache(len(waiting))
+        for w in workers:
+            self.observe(w, now)
         live: list[Waiting] = []
         for r in waiting:
             if r.queue_deadline_s is not None and r.queue_deadline_s <= now:
                 decision.expired.append(r.request_id)
             else:
                 live.append(r)
-        if len(self._cache) > 2 * len(waiting) + 1024:
-            self._cache.clear()
-        for w in workers:
-            self.observe(w, now)
         slots = [self._slot(w, live, decision) for w in workers if eligible(w, c)]
         if c.batching == "continuous":
-            if live:
+            if live and any(s.open() for s in slots):
                 self._fill(live, slots, now, decision)
         else:                                   # run to completion: idle workers only
             slots = [s for s in slots if not s.worker.assigned]
@@ -116,15 +128,16 @@ class BatchingPolicy:
                 decision.assignments[s.worker.worker_id] = s.taken
         return decision
 
-    def _batch_due(self, live: list[Waiting], now: float) -> bool:
+    def _batch_due(self, head: list[Waiting], waiting: int, now: float) -> bool:
         """static: B waiting or the oldest waited static_timeout_s; window: the window opened by
-        the oldest request waiting since the last dispatch has closed (seed 000's naive)."""
+        the oldest request waiting since the last dispatch has closed (seed 000's naive).
+        `head` is the start of the queue in arrival order, `waiting` the queue's length."""
         c = self.config
-        if not live:
+        if not head:
             return False
-        oldest = min(r.arrival_s for r in live)
+        oldest = min(r.arrival_s for r in head)
         if c.batching == "static":
-            return len(live) >= c.static_batch_size or now - oldest >= c.static_timeout_s
+            return waiting >= c.static_batch_size or now - oldest >= c.static_timeout_s
         if self._window_start is None:
             self._window_start = oldest
         return now - self._window_start >= c.naive_window_s
@@ -177,33 +190,48 @@ class BatchingPolicy:
               decision: Decision) -> None:
         """Continuous batching: top up every worker, requests in policy order, each to the
         worker with the most headroom that fits it. Forced requests (past max_wait) come first
-        and only memory or the hard cap stops them. FCFS never lets a later request overtake."""
+        and only memory or the hard cap stops them; FCFS never lets a later request overtake.
+        Beyond the first ones only the head of the order is looked at (4 × room + 16):
+        O(n log k), and whatever did not fit is looked at again next decision."""
         c = self.config
-        prioritised = c.ordering == "priority"
-        keys = [(priority_key(r, self.predict(r)[0], now, c) if prioritised else fifo_key(r), i)
-                for i, r in enumerate(live)]
-        capacity = sum(s.hard_cap - s.running for s in slots)
-        head = heapq.nsmallest(4 * capacity + 16, keys)
-        order = head if len(head) == len(keys) else head + sorted(set(keys) - set(head))
-        for _, i in order:
-            r = live[i]
-            force = prioritised and forced(r, now, c)
+        firsts: list[Waiting] = []
+        keys: list[float] = []
+        rest: list[Waiting] = []
+        cache, entry = self._cache, self._entry
+        fifo, cutoff = c.ordering == "fifo", now - c.max_wait_s
+        for r in live:
+            e = cache.get(r.request_id) or entry(r)
+            if r.resumed if fifo else r.arrival_s <= cutoff:        # priority.first, inlined
+                firsts.append(r)
+            else:
+                keys.append(e[2] if e[3] is None else key_at(e[2], e[3], now, c))
+                rest.append(r)
+        room = sum(s.room() for s in slots)
+        firsts.sort(key=lambda r: r.arrival_s)
+        head = heapq.nsmallest(4 * room + 16, range(len(keys)), key=keys.__getitem__)
+        for r in itertools.chain(firsts, (rest[i] for i in head)):
+            force = not fifo and r.arrival_s <= cutoff
             if not force and not any(s.open() for s in slots):
                 break                            # forced ones sort first: none are left
-            if not self._place(r, slots, force, decision) and not prioritised:
+            if not self._place(r, slots, force, decision) and fifo:
                 break
 
     def _fill_batches(self, live: list[Waiting], slots: list[WorkerSlot], now: float,
                       decision: Decision) -> None:
         """static / window: whole batches in arrival order, each to an idle worker, when due."""
-        queue = sorted(live, key=fifo_key)
+        head = heapq.nsmallest(4 * sum(s.room() for s in slots) + 16, live, key=fifo_key)
+        left = len(live)
         for s in sorted(slots, key=lambda s: s.headroom(0), reverse=True):
-            if not self._batch_due(queue, now):
+            if not self._batch_due(head, left, now):
                 break
-            rest = [r for r in queue if not self._place(r, [s], False, decision)]
-            if len(rest) < len(queue) and self.config.batching == "window":
+            rest = []
+            for r in head:
+                if not (s.open() and self._place(r, [s], False, decision)):
+                    rest.append(r)
+            left -= len(head) - len(rest)
+            if len(rest) < len(head) and self.config.batching == "window":
                 self._window_start = None
-            queue = rest
+            head = rest
 
     def _place(self, r: Waiting, slots: list[WorkerSlot], force: bool,
                decision: Decision) -> bool:

@@ -15,8 +15,6 @@ from __future__ import annotations
 from .config import PolicyConfig
 from .types import Waiting
 
-Key = tuple[int, int, int, float]
-
 
 def deadline_of(req: Waiting) -> float | None:
     """The earlier of the queue deadline and the request's own TTFT target (absolute)."""
@@ -32,23 +30,48 @@ def short_bonus(predicted_output: int, cfg: PolicyConfig) -> float:
 
 def score(req: Waiting, predicted_output: int, now: float, cfg: PolicyConfig) -> float:
     urgency = (now - req.arrival_s) / cfg.max_wait_s
-    deadline = deadline_of(req)
-    if deadline is not None:
-        urgency += min(1.0, max(0.0, 1.0 - (deadline - now) / cfg.max_wait_s))
-    return urgency + short_bonus(predicted_output, cfg)
+    return urgency + deadline_pressure(deadline_of(req), now, cfg) + short_bonus(predicted_output, cfg)
+
+
+def deadline_pressure(deadline: float | None, now: float, cfg: PolicyConfig) -> float:
+    if deadline is None:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - (deadline - now) / cfg.max_wait_s))
 
 
 def forced(req: Waiting, now: float, cfg: PolicyConfig) -> bool:
     return now - req.arrival_s >= cfg.max_wait_s
 
 
-def priority_key(req: Waiting, predicted_output: int, now: float, cfg: PolicyConfig) -> Key:
-    """Sort ascending: the first key is taken first."""
-    if forced(req, now, cfg):
-        return (0, 0, 0, req.arrival_s)
+def first(req: Waiting, now: float, cfg: PolicyConfig) -> bool:
+    """Taken before every keyed request, oldest first: forced ones (priority ordering) or
+    re-queued ones (FIFO ordering)."""
+    if cfg.ordering == "fifo":
+        return req.resumed
+    return now - req.arrival_s >= cfg.max_wait_s
+
+
+def base_key(req: Waiting, predicted_output: int, cfg: PolicyConfig) -> float:
+    """Sort key (ascending) of a request that is not `first`, less its deadline pressure:
+    computed once per request. FIFO: arrival. Priority: one float ordering like the tuple
+    (−class, not resumed, −score) — the score term (arrival / max_wait − bonus − pressure;
+    the common now / max_wait dropped) spreads less than `step` across requests that are not
+    forced, so the class and resumed offsets dominate it."""
+    if cfg.ordering == "fifo":
+        return req.arrival_s
+    step = cfg.short_job_weight + 3.0
     cls = req.priority if req.priority > 0 else 2
-    return (1, -cls, 0 if req.resumed else 1, -score(req, predicted_output, now, cfg))
+    return ((3 - cls) * 2 * step + (0.0 if req.resumed else step)
+            + req.arrival_s / cfg.max_wait_s - short_bonus(predicted_output, cfg))
 
 
-def fifo_key(req: Waiting) -> Key:
-    return (0 if req.resumed else 1, 0, 0, req.arrival_s)
+def key_at(base: float, deadline: float | None, now: float, cfg: PolicyConfig) -> float:
+    """base_key with the deadline pressure at `now` (priority ordering only)."""
+    if deadline is None or cfg.ordering == "fifo":
+        return base
+    return base - deadline_pressure(deadline, now, cfg)
+
+
+def fifo_key(req: Waiting) -> tuple[bool, float]:
+    """Arrival order, re-queued (resumed) requests first."""
+    return (not req.resumed, req.arrival_s)

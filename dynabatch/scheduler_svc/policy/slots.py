@@ -82,7 +82,13 @@ class WorkerSlot:
 
     def open(self) -> bool:
         """Might still take a non-forced request."""
-        return self.running < self.hard_cap and self.load < 1.0 - _TOL and self.free_blocks > 0
+        return (self.running < self.hard_cap and self.load < 1.0 - _TOL and self.free_blocks > 0
+                and (not self.taken or self.prefill_budget > 0))
+
+    def room(self) -> int:
+        """About how many more non-forced sequences it may take (sizes the candidate list)."""
+        share = int((1.0 - self.load) * self.target(self.dominant or 0)) + 1
+        return max(0, min(self.hard_cap - self.running, share))
 
     def headroom(self, bin_: int) -> tuple[bool, float, float]:
         """Larger is better: same bin as its batch (multi-bin), free batch share, free KV share."""
