@@ -1,0 +1,3 @@
+import sys
+from dynabatch.cli import main
+sys.exit(main())
