@@ -59,6 +59,7 @@ class Simulation:
         self.fb: list[tuple[float, float, float, int]] = [(0.0, 0.0, 0.0, 0)] * cfg.workers
         self.fb_used = [0] * cfg.workers
         self.views = [self._view(i, 0.0) for i in range(cfg.workers)]
+        self.dirty = [False] * cfg.workers
         self.records = [RequestRecord(f"r{i}", r.arrival_s, r.prompt_tokens, r.output_tokens,
                                       cfg.ttft_target_s, cfg.tpot_target_s)
                         for i, r in enumerate(self.trace.requests)]
@@ -100,29 +101,43 @@ class Simulation:
     # ------------------------------------------------------------------ events
     def _worker_done(self, w: int, now: float) -> None:
         worker = self.workers[w]
-        for s in worker.finish_plan(now):
+        done = worker.finish_plan(now)
+        for s in done:
             rec = self.records[s.index]
             rec.first_token_s, rec.finish_s = s.first_token_s, now
             rec.outcome, rec.preemptions = Outcome.OK, s.preemptions
             del self.assigned[w][s.rid]
             self._count(now, -1)
             self.policy.on_finish(s.rid, s.prompt, s.generated, now)
-        table = self.assigned[w]
+        if done:
+            self.dirty[w] = True
+        if now - self.fb[w][0] >= self.cfg.feedback_s or not worker.running():
+            self._feedback(w, now)
+        self._push(w, worker.start(now))
+
+    def _feedback(self, w: int, now: float) -> None:
+        """The worker's heartbeat: fresh measurements, KV usage and token counts."""
+        worker, table = self.workers[w], self.assigned[w]
         for s in worker.decoding:
             a = table[s.rid]
             if a.generated_tokens != s.generated:
-                table[s.rid] = replace(a, generated_tokens=s.generated)
-        if now - self.fb[w][0] >= self.cfg.feedback_s or not worker.running():
-            step_ms, batch = worker.take_feedback()
-            self.fb[w] = (now, step_ms, batch, worker.steps)
-            self.fb_used[w] = worker.used
-            view = self._view(w, now)
-            self.policy.observe(view, now)
-            self.timeline.append(TimelineSample(now, worker.worker_id, batch, worker.running(),
-                                                worker.used / self.cfg.model.kv_blocks_total,
-                                                len(self.waiting), len(worker.queue)))
-        self.views[w] = self._view(w, now)
-        self._push(w, worker.start(now))
+                table[s.rid] = Assigned(a.request_id, a.prompt_tokens, a.predicted_output_tokens,
+                                        s.generated, a.bin)
+        step_ms, batch = worker.take_feedback()
+        self.fb[w] = (now, step_ms, batch, worker.steps)
+        self.fb_used[w] = worker.used
+        self.dirty[w] = False
+        self.views[w] = view = self._view(w, now)
+        self.policy.observe(view, now)
+        self.timeline.append(TimelineSample(now, worker.worker_id, batch, worker.running(),
+                                            worker.used / self.cfg.model.kv_blocks_total,
+                                            len(self.waiting), len(worker.queue)))
+
+    def _views(self, now: float) -> list[WorkerView]:
+        for w, dirty in enumerate(self.dirty):
+            if dirty:
+                self.views[w], self.dirty[w] = self._view(w, now), False
+        return self.views
 
     def _arrive(self, i: int, now: float) -> None:
         rec, cfg = self.records[i], self.cfg
@@ -132,7 +147,7 @@ class Simulation:
                       max_tokens=max_tokens, arrival_s=now, ttft_target_s=cfg.ttft_target_s,
                       tpot_target_s=cfg.tpot_target_s,
                       queue_deadline_s=None if cfg.max_queue_s is None else now + cfg.max_queue_s)
-        adm = self.policy.admit(req, self._waiting_list(), self.views, now)
+        adm = self.policy.admit(req, self._waiting_list(), self._views(now), now)
         if not adm.accepted:
             rec.outcome = Outcome.REJECTED
             return
@@ -144,7 +159,7 @@ class Simulation:
         self.decides += 1
         # A live worker heartbeats every feedback_s even when idle: the age never exceeds it.
         views = [replace(v, heartbeat_age_s=min(self.cfg.feedback_s, max(0.0, now - self.fb[w][0])))
-                 for w, v in enumerate(self.views)]
+                 for w, v in enumerate(self._views(now))]
         d = self.policy.decide(self._waiting_list(), views, now)
         for rid in d.expired:
             if self.waiting.pop(rid, None) is not None:
@@ -167,7 +182,7 @@ class Simulation:
                     0, d.bins.get(rid, 0))
                 self.workers[w].add(Seq(rid, i, rec.prompt_tokens, rec.output_tokens))
             if touched:
-                self.views[w] = self._view(w, now)
+                self.dirty[w] = True
                 self._push(w, self.workers[w].cut(now))
 
     def run(self, progress: Callable[[int, int], None] | None = None) -> RunResult:

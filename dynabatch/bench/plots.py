@@ -1,0 +1,87 @@
+"""PNG plots of a comparison (matplotlib, headless): latency CDFs, goodput vs load, batch size
+and KV usage over time. Inputs are plain dicts/RunResults so replay results plot the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dynabatch.bench.metrics import Outcome, RunResult
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def latency_cdfs(runs: dict[str, RunResult], path: Path, title: str,
+                 ttft_target_s: float, tpot_target_s: float) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, run in runs.items():
+        done = [r for r in run.records if r.outcome is Outcome.OK]
+        for ax, values in ((axes[0], [r.ttft * 1000 for r in done]),
+                           (axes[1], [r.tpot * 1000 for r in done if r.output_tokens > 1])):
+            v = sorted(values)
+            if v:
+                ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], label=label)
+    for ax, name, target in ((axes[0], "TTFT (ms)", ttft_target_s), (axes[1], "TPOT (ms)", tpot_target_s)):
+        ax.axvline(target * 1000, color="grey", ls="--", lw=1, label="SLA target")
+        ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("share of completed requests")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def goodput_vs_load(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """``curves``: policy -> summaries (with target_rps), e.g. the capacity probes + grid."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, pts in curves.items():
+        pts = sorted(pts, key=lambda p: p["target_rps"])
+        x = [p["target_rps"] for p in pts]
+        axes[0].plot(x, [p["goodput_rps"] for p in pts], marker="o", ms=3, label=label)
+        axes[1].plot(x, [100 * p["sla_attainment"] for p in pts], marker="o", ms=3, label=label)
+    lim = max((p["target_rps"] for pts in curves.values() for p in pts), default=1)
+    axes[0].plot([0, lim], [0, lim], color="grey", ls=":", lw=1, label="offered")
+    axes[0].set_ylabel("goodput (SLA-meeting req/s)")
+    axes[1].axhline(99, color="grey", ls="--", lw=1)
+    axes[1].set_ylabel("SLA attainment (%)")
+    for ax in axes:
+        ax.set_xlabel("offered load (req/s)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def timelines(runs: dict[str, RunResult], path: Path, title: str) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    for label, run in runs.items():
+        tl = run.timeline
+        t = [s.t for s in tl]
+        axes[0].plot(t, [s.running for s in tl], lw=0.7, label=label)
+        axes[1].plot(t, [100 * s.kv_used for s in tl], lw=0.7, label=label)
+        axes[2].plot(t, [s.waiting for s in tl], lw=0.7, label=label)
+    axes[0].set_ylabel("running batch")
+    axes[1].set_ylabel("KV blocks used (%)")
+    axes[2].set_ylabel("scheduler queue")
+    axes[2].set_xlabel("time (s)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=len(runs))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
