@@ -39,9 +39,10 @@ class PolicyConfig:
     # --- Algorithm 2: SLA band on measured per-token decode latency ---
     tpot_target_s: float = 0.05       # default TPOT target (per output token)
     ttft_target_s: float = 2.0        # default TTFT target
-    eps: float = 0.05                 # dead band, as a fraction of the TPOT target
-    alpha: int = 8                    # band growth (sequences) when latency has headroom
-    delta: int = 4                    # b_low decrease (sequences) on a violation
+    eps: float = 0.02                 # dead band, as a fraction of the TPOT target
+    alpha: int = 16                   # cap on the band's growth (sequences) under the target
+    delta: int = 8                    # cap on b_low's decrease (sequences) on a violation
+    sla_step: float = 0.05            # band steps are this share of the batch (>= 1 sequence)
 
     # --- selection ---
     max_wait_s: float = 10.0          # past it a request is forced in whenever memory allows

@@ -35,6 +35,7 @@ class BatchingPolicy:
         self.targets: dict[str, int] = {}        # last b_target per worker (admission estimates)
         self.mean_output = 0.0                   # EWMA of completed output lengths
         self._steps: dict[str, int] = {}
+        self._tpot: dict[str, float] = {}        # own TPOT targets of assigned requests
         self._window_start: float | None = None
         self._cache: dict[str, _Entry] = {}
         self._cache_version = (-1, -1)
@@ -53,7 +54,13 @@ class BatchingPolicy:
             return
         bin_ = dominant_bin(worker) or 0
         self.controller(worker.worker_id, bin_).update(
-            worker.decode_step_ms / 1000.0, worker.decode_batch_size, self.config.tpot_target_s)
+            worker.decode_step_ms / 1000.0, worker.decode_batch_size, self.tpot_target(worker))
+
+    def tpot_target(self, worker: WorkerView) -> float:
+        """The batch's TPOT target: the tightest among its requests (their own or the default)."""
+        default = self.config.tpot_target_s
+        return min((self._tpot.get(a.request_id, default) for a in worker.assigned),
+                   default=default)
 
     def on_finish(self, request_id: str, prompt_tokens: int, output_tokens: int,
                   now: float) -> None:
@@ -62,13 +69,15 @@ class BatchingPolicy:
         self.mean_output = (output_tokens if self.mean_output == 0
                             else 0.95 * self.mean_output + 0.05 * output_tokens)
         self._cache.pop(request_id, None)
+        self._tpot.pop(request_id, None)
 
     def controller(self, worker_id: str, bin_: int) -> SlaController:
         key = (worker_id, bin_)
         ctl = self.controllers.get(key)
         if ctl is None:
             c = self.config
-            ctl = self.controllers[key] = SlaController(c.b_min, c.b_max, c.eps, c.alpha, c.delta)
+            ctl = self.controllers[key] = SlaController(c.b_min, c.b_max, c.eps, c.alpha, c.delta,
+                                                          c.sla_step)
         return ctl
 
     # ---- admission ------------------------------------------------------------------------
@@ -108,6 +117,9 @@ class BatchingPolicy:
         c = self.config
         decision = Decision()
         self._sync_cache(len(waiting))
+        if len(self._tpot) > 4096:              # drop requests whose finish was never reported
+            running = {a.request_id for w in workers for a in w.assigned}
+            self._tpot = {k: v for k, v in self._tpot.items() if k in running}
         for w in workers:
             self.observe(w, now)
         live: list[Waiting] = []
@@ -243,6 +255,8 @@ class BatchingPolicy:
         best.take(r.request_id, r.prompt_tokens, pred, bin_)
         decision.predicted_output_tokens[r.request_id] = pred
         decision.bins[r.request_id] = bin_
+        if r.tpot_target_s > 0:
+            self._tpot[r.request_id] = r.tpot_target_s
         return True
 
 
