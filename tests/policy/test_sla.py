@@ -52,6 +52,12 @@ def test_dead_band_recentres_on_b():
     assert (c.b_low, c.b_high, c.b_sla) == (30, 110, 70)
 
 
+def test_dead_band_near_a_limit_keeps_b():
+    c = ctl(b_min=1, b_max=256)
+    c.update(T, 10, T)
+    assert c.b_sla == 10 and c.b_low == 1
+
+
 def test_band_stays_within_limits():
     c = ctl(b_min=4, b_max=64)
     for d in (10, 10, 10, 10, 0.001, 0.001, 0.001, 0.001, 0.001):

@@ -3,7 +3,7 @@
 After each fresh measurement D of per-token decode latency at batch size b, with target SLA:
   D > SLA·(1+eps): b_high = max(b/2, b_low+1); b_low -= d      (back off fast)
   D < SLA·(1−eps): b_low = max(b, b_low);      b_high = min(max(b_high, b_low) + a, b_max)
-  otherwise:       re-centre the band on b (keep its width)
+  otherwise:       re-centre the band on b (keep its width, narrowed to fit [b_min, b_max])
 and b_SLA is the band's midpoint. Two refinements of DESIGN.md's rule, both found by simulating
 D(b) = a + c·b (tests/policy/test_sla.py):
   * eps is relative to the target, so one default suits any SLA;
@@ -48,7 +48,7 @@ class SlaController:
             self.b_low = max(b, self.b_low)
             self.b_high = max(self.b_high, self.b_low) + min(move, self.alpha)
         else:
-            half = (self.b_high - self.b_low) / 2
+            half = min(self.b_high - self.b_low, 2 * (b - self.b_min), 2 * (self.b_max - b)) / 2
             self.b_low, self.b_high = b - half, b + half
         self._clamp()
         self.updates += 1

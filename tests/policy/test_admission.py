@@ -1,0 +1,69 @@
+"""Admission control: bounded queue, early rejection when the deadline cannot be met."""
+import pytest
+
+from dynabatch.scheduler_svc.policy import PolicyConfig, make_policy
+
+from .helpers import req, worker
+
+MEASURED = worker("w", step_ms=50.0, batch=10.0, steps=5)   # 10 slots, 100 tokens × 50 ms
+
+
+def policy(**kw):
+    return make_policy("dynamic", PolicyConfig(**kw))
+
+
+def test_accepts_into_empty_queue():
+    assert policy().admit(req("a"), [], [MEASURED], 0.0).accepted
+
+
+def test_queue_full_by_requests():
+    p = policy(max_queue_requests=3)
+    waiting = [req(f"q{i}", max_tokens=100) for i in range(3)]
+    a = p.admit(req("a", max_tokens=100), waiting, [MEASURED], 0.0)
+    assert (a.accepted, a.reason) == (False, "queue_full")
+    assert a.retry_after_s == pytest.approx(0.5)     # 1 request at 2 req/s
+
+
+def test_queue_full_by_tokens():
+    p = policy(max_queue_tokens=1000)
+    waiting = [req("q", prompt=400, max_tokens=400)]
+    assert not p.admit(req("a", prompt=100, max_tokens=101), waiting, [MEASURED], 0.0).accepted
+    assert p.admit(req("a", prompt=100, max_tokens=100), waiting, [MEASURED], 0.0).accepted
+
+
+def test_queue_full_retry_after_without_measurement_is_a_fallback():
+    p = policy(max_queue_requests=1, max_wait_s=10.0)
+    a = p.admit(req("a"), [req("q")], [worker("w")], 0.0)
+    assert not a.accepted and a.retry_after_s == 1.0
+
+
+def test_rejects_when_predicted_wait_exceeds_ttft_target():
+    p = policy()
+    waiting = [req(f"q{i}", max_tokens=100) for i in range(20)]
+    # 2 req/s, 21 to go (20 ahead + itself), no free slot known: 10.5 s > 2 s
+    a = p.admit(req("a", max_tokens=100, ttft=2.0), waiting, [MEASURED], 0.0)
+    assert (a.accepted, a.reason) == (False, "deadline_unmeetable")
+    assert a.retry_after_s == pytest.approx(8.5)
+    assert p.admit(req("b", max_tokens=100, deadline=20.0), waiting, [MEASURED], 0.0).accepted
+
+
+def test_only_equal_or_higher_classes_count_ahead():
+    p = policy()
+    waiting = [req(f"q{i}", max_tokens=100, prio=1) for i in range(20)]
+    assert p.admit(req("a", max_tokens=100, ttft=2.0, prio=3), waiting, [MEASURED], 0.0).accepted
+
+
+def test_without_deadline_or_measurement_only_bounds_apply():
+    p = policy()
+    waiting = [req(f"q{i}", max_tokens=100) for i in range(200)]
+    assert p.admit(req("a", max_tokens=100), waiting, [MEASURED], 0.0).accepted
+    assert p.admit(req("b", max_tokens=100, ttft=0.1), waiting, [worker("w")], 0.0).accepted
+
+
+def test_free_slots_shorten_the_wait():
+    p = policy()
+    waiting = [req(f"q{i}", max_tokens=100) for i in range(20)]
+    fast = worker("w", step_ms=20.0, batch=10.0, steps=5)
+    p.decide([], [fast], 0.0)                          # learns the worker's b_target
+    assert p.targets["w"] > 20
+    assert p.admit(req("a", max_tokens=100, ttft=2.0), waiting, [fast], 0.0).accepted
