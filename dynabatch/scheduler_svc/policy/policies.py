@@ -130,7 +130,7 @@ class BatchingPolicy:
                 live.append(r)
         slots = [self._slot(w, live, decision) for w in workers if eligible(w, c)]
         if c.batching == "continuous":
-            if live and any(s.open() for s in slots):
+            if live and (any(s.open() for s in slots) or self._any_forced(live, now)):
                 self._fill(live, slots, now, decision)
         else:                                   # run to completion: idle workers only
             slots = [s for s in slots if not s.worker.assigned]
@@ -139,6 +139,10 @@ class BatchingPolicy:
             if s.taken:
                 decision.assignments[s.worker.worker_id] = s.taken
         return decision
+
+    def _any_forced(self, live: list[Waiting], now: float) -> bool:
+        c = self.config
+        return c.ordering == "priority" and min(r.arrival_s for r in live) <= now - c.max_wait_s
 
     def _batch_due(self, head: list[Waiting], waiting: int, now: float) -> bool:
         """static: B waiting or the oldest waited static_timeout_s; window: the window opened by
