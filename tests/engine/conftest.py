@@ -25,3 +25,12 @@ def llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny("tiny-random-qwen3", tmp_path_factory.mktemp("qwen3"))
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """Tiny models: OpenMP threads only contend (ms per op on a busy 2-core CI box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -50,3 +50,22 @@ def test_reference_matches_sdpa(q_lens: list[int]) -> None:
         torch.testing.assert_close(out[start:start + q_len], want.transpose(0, 1),
                                    rtol=1e-5, atol=1e-5)
         start += q_len
+
+
+def test_fresh_runs_batched_path_matches_gathered_path() -> None:
+    """Equal-length fresh chunks take one batched SDPA; same result as gathering from blocks."""
+    gen = torch.Generator().manual_seed(3)
+    q_lens = [6, 6, 6, 3, 6]
+    ks = [torch.randn(KVH, n, D, generator=gen) for n in q_lens]
+    vs = [torch.randn(KVH, n, D, generator=gen) for n in q_lens]
+    kv, tables = _scatter_into_pool(ks, vs, 64, gen)
+    q = torch.randn(sum(q_lens), H, D, generator=gen)
+    empty = torch.empty(0, dtype=torch.long)
+    meta = PagedMetadata(kv=kv, write_blocks=empty, write_offsets=empty, block_tables=empty,
+                         context_lens=empty, decode=False, query_lens=q_lens,
+                         context_lens_host=q_lens, seq_blocks=tables)
+    k_new = torch.cat([k.transpose(0, 1) for k in ks])
+    v_new = torch.cat([v.transpose(0, 1) for v in vs])
+    fast = reference_paged_attention(q, kv[0, 0], kv[0, 1], meta, D ** -0.5, k_new, v_new)
+    slow = reference_paged_attention(q, kv[0, 0], kv[0, 1], meta, D ** -0.5)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

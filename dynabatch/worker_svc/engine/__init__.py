@@ -22,11 +22,13 @@ CPU_DEFAULT_BLOCKS = 2048
 def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None = None,
                  num_kv_blocks: int | None = None, kv_fraction: float = 0.9,
                  block_size: int = 16, max_running: int = 256, prefill_token_budget: int = 8192,
-                 cuda_graphs: bool = True, seed: int = 0) -> "PagedEngine":
+                 cuda_graphs: bool = True, compile_decode: bool = False,
+                 seed: int = 0) -> "PagedEngine":
     """Load `model` (named shape or from_pretrained path), size the KV pool, capture graphs.
 
     On CUDA without `num_kv_blocks`, the pool takes `kv_fraction` of the memory still free once
-    the weights are loaded. The returned engine's `startup_s` is the measured build time.
+    the weights are loaded. `compile_decode` runs decode steps through torch.compile (faster
+    steps, longer start-up). The returned engine's `startup_s` is the measured build time.
     """
     from dynabatch.wire import models
     from dynabatch.worker_svc.engine import kv_cache, loader
@@ -47,6 +49,7 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
                          prefill_token_budget=prefill_token_budget,
                          max_model_len=models.max_model_len(config),
                          eos_token_ids=models.eos_token_ids(config), cuda_graphs=cuda_graphs,
+                         compile_decode=compile_decode,
                          seed=seed)
     engine.runner.capture()
     if dev.type == "cuda":

@@ -49,32 +49,88 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     meta = paged_metadata
     if meta is None:
         raise RuntimeError("dynabatch_paged attention needs paged_metadata (run through the engine)")
-    k_cache, v_cache = meta.kv[module.layer_idx, 0], meta.kv[module.layer_idx, 1]
-    # Advanced indices on dims 0 and 2 put the token dim first: [T, KVH, D].
-    k_cache[meta.write_blocks, :, meta.write_offsets] = key[0].transpose(0, 1)
-    v_cache[meta.write_blocks, :, meta.write_offsets] = value[0].transpose(0, 1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    q = query[0].transpose(0, 1)  # [T, H, D]
-    if meta.decode and q.is_cuda:
-        from dynabatch.worker_svc.engine.triton_decode import paged_decode
-
-        out = paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+    if meta.decode:
+        out = torch.ops.dynabatch.paged_decode(q, k, v, meta.kv, module.layer_idx,
+                                               meta.write_blocks, meta.write_offsets,
+                                               meta.block_tables, meta.context_lens, scale)
     else:
-        out = reference_paged_attention(q, k_cache, v_cache, meta, scale)
+        k_cache, v_cache = _write(meta.kv, module.layer_idx, k, v, meta.write_blocks,
+                                  meta.write_offsets)
+        out = reference_paged_attention(q, k_cache, v_cache, meta, scale, k, v)
     return out.unsqueeze(0), None
 
 
+def _write(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+           offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store new K/V ([T, KVH, D]) at their slots; returns the layer's (K, V) caches."""
+    k_cache, v_cache = kv[layer, 0], kv[layer, 1]
+    # Advanced indices on dims 0 and 2 put the token dim first: [T, KVH, D].
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+    return k_cache, v_cache
+
+
+@torch.library.custom_op("dynabatch::paged_decode", mutates_args=("kv",))
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int,
+                 write_blocks: torch.Tensor, write_offsets: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """One decode token per sequence: write its K/V, attend over its context. q [B, H, D].
+
+    A custom op so torch.compile treats it as one opaque node (the Triton kernel on CUDA).
+    """
+    k_cache, v_cache = _write(kv, layer, k, v, write_blocks, write_offsets)
+    if q.is_cuda:
+        from dynabatch.worker_svc.engine.triton_decode import paged_decode as triton_decode
+
+        return triton_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    bs = k_cache.shape[2]
+    ctx = context_lens.tolist()
+    meta = PagedMetadata(kv=kv, write_blocks=write_blocks, write_offsets=write_offsets,
+                         block_tables=block_tables, context_lens=context_lens, decode=True,
+                         query_lens=[1] * len(ctx), context_lens_host=ctx,
+                         seq_blocks=[block_tables[i, : -(-c // bs)] for i, c in enumerate(ctx)])
+    return reference_paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+@paged_decode.register_fake
+def _(q, k, v, kv, layer, write_blocks, write_offsets, block_tables, context_lens, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def reference_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              meta: PagedMetadata, scale: float) -> torch.Tensor:
-    """Per sequence: gather its blocks, then causal SDPA with the queries at the context's end."""
+                              meta: PagedMetadata, scale: float, k_new: torch.Tensor | None = None,
+                              v_new: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sequence: gather its blocks, then causal SDPA with the queries at the context's end.
+
+    With the step's own K/V given (k_new/v_new, [T, KVH, D]), runs of consecutive fresh
+    sequences (whole context in this chunk) of equal length skip the gather and share one
+    batched causal SDPA call.
+    """
     out = torch.empty_like(q)
-    start = 0
-    for q_len, ctx, blocks in zip(meta.query_lens, meta.context_lens_host, meta.seq_blocks):
+    lens, ctxs = meta.query_lens, meta.context_lens_host
+    start, i = 0, 0
+    while i < len(lens):
+        q_len, ctx = lens[i], ctxs[i]
+        if k_new is not None and v_new is not None and q_len == ctx:
+            j = i
+            while j < len(lens) and lens[j] == q_len and ctxs[j] == q_len:
+                j += 1
+            n, end = j - i, start + (j - i) * q_len
+            qs, ks, vs = (t[start:end].unflatten(0, (n, q_len)).transpose(1, 2)
+                          for t in (q, k_new, v_new))            # [n, heads, L, D]
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                               enable_gqa=True)
+            out[start:end] = o.transpose(1, 2).flatten(0, 1)
+            start, i = end, j
+            continue
         qs = q[start:start + q_len].transpose(0, 1)            # [H, L, D]
-        k = gather_blocks(k_cache, blocks, ctx)                 # [KVH, ctx, D]
-        v = gather_blocks(v_cache, blocks, ctx)
+        k = gather_blocks(k_cache, meta.seq_blocks[i], ctx)     # [KVH, ctx, D]
+        v = gather_blocks(v_cache, meta.seq_blocks[i], ctx)
         out[start:start + q_len] = _sdpa_offset_causal(qs, k, v, scale).transpose(0, 1)
-        start += q_len
+        start, i = start + q_len, i + 1
     return out
 
 
@@ -88,13 +144,17 @@ def _sdpa_offset_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: float) -> torch.Tensor:
     """Query i sits at position ctx - L + i and sees keys 0..that position; native GQA."""
     q_len, ctx = q.shape[1], k.shape[1]
+    q, k, v = q[None], k[None], v[None]      # 4-D: SDPA's CPU kernels are faster batched
     if q_len == ctx:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    if q_len == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-    q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-    mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    elif q_len == 1:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    else:
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+    return out[0]
 
 
 def register() -> str:

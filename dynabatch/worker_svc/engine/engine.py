@@ -4,6 +4,8 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -18,6 +20,15 @@ from dynabatch.worker_svc.engine.sequence import Sequence
 _WINDOW = 64  # steps the rolling stats average over
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """What the last step ran and how long it took (wall clock, host sync included)."""
+    kind: Literal["prefill", "decode"]
+    tokens: int            # tokens computed (the batch size in a decode step)
+    context_tokens: int    # sum over the batch of tokens in cache after the step
+    seconds: float
+
+
 class PagedEngine:
     """Continuous batching with chunked prefill over a paged KV cache.
 
@@ -26,14 +37,16 @@ class PagedEngine:
 
     def __init__(self, model: PreTrainedModel, kv: KVCache, device: torch.device, *,
                  max_running: int, prefill_token_budget: int, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], cuda_graphs: bool, seed: int) -> None:
+                 eos_token_ids: tuple[int, ...], cuda_graphs: bool, compile_decode: bool,
+                 seed: int) -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.max_model_len = min(max_model_len, kv.max_tokens)
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(kv, max_running, prefill_token_budget)
-        self.runner = ModelRunner(model, kv, device, max_running, self.max_model_len, cuda_graphs)
+        self.runner = ModelRunner(model, kv, device, max_running, self.max_model_len, cuda_graphs,
+                                  compile_decode)
         self.sampler = Sampler(device, seed)
         self._arrivals = itertools.count()
         self._pending: list[TokenOutput] = []
@@ -41,6 +54,7 @@ class PagedEngine:
         self._prefill_times: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
         self.steps = 0
         self.startup_s = 0.0  # set by build_engine
+        self.last_step: StepRecord | None = None
 
     # -- Engine protocol -------------------------------------------------------------------
     def add(self, request: SequenceRequest) -> None:
@@ -81,15 +95,19 @@ class PagedEngine:
                 c.seq.num_computed = c.end
             done = [c.seq for c in chunks if c.wants_logits]
             outputs += self._sample(logits, done)
-            self._prefill_times.append((time.perf_counter() - t0,
-                                        sum(c.end - c.start for c in chunks)))
+            dt = time.perf_counter() - t0
+            n = sum(c.end - c.start for c in chunks)
+            self._prefill_times.append((dt, n))
+            self.last_step = StepRecord("prefill", n, sum(c.end for c in chunks), dt)
         else:
             seqs: list[Sequence] = batch  # type: ignore[assignment]
             logits = self.runner.decode(seqs)
             for s in seqs:
                 s.num_computed += 1
             outputs += self._sample(logits, seqs)
-            self._decode_times.append((time.perf_counter() - t0, len(seqs)))
+            dt = time.perf_counter() - t0
+            self._decode_times.append((dt, len(seqs)))
+            self.last_step = StepRecord("decode", len(seqs), sum(s.num_computed for s in seqs), dt)
         self.steps += 1
         return outputs
 

@@ -26,12 +26,13 @@ class DecodeGraphs:
     IDS, POS, BLK, OFF, CTX = range(5)
 
     def __init__(self, forward: Forward, kv: KVCache, device: torch.device, max_batch: int,
-                 table_width: int) -> None:
+                 table_width: int, min_batch: int = 1) -> None:
+        """min_batch > 1 pads single-sequence steps (a compiled model specialises size 1)."""
         self.forward = forward
         self.kv = kv
         self.block_size = kv.block_size
         self.max_batch = max_batch
-        self.buckets = sorted({b for b in _BUCKETS if b < max_batch} | {max_batch})
+        self.buckets = sorted({b for b in _BUCKETS if min_batch <= b < max_batch} | {max_batch})
         self.host = torch.zeros((5, max_batch), dtype=torch.int64, pin_memory=True)
         self.host_np = self.host.numpy()
         self.step_buf = torch.zeros((5, max_batch), dtype=torch.int64, device=device)

@@ -14,15 +14,21 @@ from dynabatch.worker_svc.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, kv: KVCache, device: torch.device,
-                 max_running: int, max_model_len: int, cuda_graphs: bool) -> None:
+                 max_running: int, max_model_len: int, cuda_graphs: bool,
+                 compile_decode: bool) -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.block_size = kv.block_size
+        # torch.compile fuses the model's elementwise work (norms, rotary, activations) around
+        # the opaque paged-decode op; one dynamic-shape graph serves every batch size >= 2.
+        self._decode_forward = (torch.compile(self._forward, dynamic=True) if compile_decode
+                                else self._forward)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and device.type == "cuda":
             width = -(-max_model_len // kv.block_size)
-            self.graphs = DecodeGraphs(self._forward, kv, device, max_running, width)
+            self.graphs = DecodeGraphs(self._decode_forward, kv, device, max_running, width,
+                                       min_batch=2 if compile_decode else 1)
 
     def capture(self) -> None:
         if self.graphs is not None:
@@ -71,7 +77,7 @@ class ModelRunner:
         meta.query_lens = [1] * len(seqs)
         meta.context_lens_host = ctx
         meta.seq_blocks = [self._blocks_tensor(s, c) for s, c in zip(seqs, ctx)]
-        return self._forward(self._tensor(ids), self._tensor(pos), meta, None)
+        return self._decode_forward(self._tensor(ids), self._tensor(pos), meta, None)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, meta: PagedMetadata,
                  keep: torch.Tensor | None) -> torch.Tensor:
