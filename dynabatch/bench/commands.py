@@ -143,6 +143,22 @@ def cmd_replay(a: argparse.Namespace) -> int:
     return replay_main(a, trace_from_args(a))
 
 
+def _guard(fn):
+    """A handler that turns an unreadable trace or unknown model into a one-line error."""
+    def run(a: argparse.Namespace) -> int:
+        try:
+            return fn(a)
+        except (tr.TraceError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _defaults(p: argparse.ArgumentParser, fn) -> None:
+    # `func` for main() below, `bench_run` for the `dynabatch bench` mount in dynabatch.cli.
+    p.set_defaults(func=_guard(fn), bench_run=_guard(fn))
+
+
 def add_subcommands(subparsers) -> None:
     s = subparsers.add_parser("simulate", help="simulate policies on a trace (discrete-event, "
                               "real policy code, latency model)")
@@ -152,7 +168,7 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--speed", action="store_true", help="run the simulator speed benchmark")
     s.add_argument("--speed-n", type=int, default=100_000)
     s.add_argument("--out", help="--speed: JSON output path")
-    s.set_defaults(func=cmd_simulate)
+    _defaults(s, cmd_simulate)
 
     c = subparsers.add_parser("capacity", help="highest req/s per policy at >= 99%% SLA "
                               "attainment (simulated)")
@@ -161,7 +177,7 @@ def add_subcommands(subparsers) -> None:
     c.add_argument("--goal", type=float, default=0.99)
     c.add_argument("--jobs", type=int, default=1, help="parallel processes (one per policy)")
     c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_capacity)
+    _defaults(c, cmd_capacity)
 
     r = subparsers.add_parser("report", help="Markdown + PNG + JSON comparison of policies "
                               "(capacity, common load, load sweep; simulated)")
@@ -175,7 +191,7 @@ def add_subcommands(subparsers) -> None:
     r.add_argument("--notes", help="Markdown file appended to the report (the analysis)")
     r.add_argument("--command-line", help="the command to print in the report")
     r.add_argument("--json", action="store_true")
-    r.set_defaults(func=cmd_report)
+    _defaults(r, cmd_report)
 
     p = subparsers.add_parser("replay", help="replay a trace open-loop against a running stack "
                               "through the client SDK (same metrics as simulate)")
@@ -186,18 +202,14 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--vocab", type=int, default=256, help="synthetic prompt token ids < vocab")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="write the summary JSON here")
-    p.set_defaults(func=cmd_replay)
+    _defaults(p, cmd_replay)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dynabatch bench", description=__doc__)
     add_subcommands(ap.add_subparsers(dest="cmd", required=True))
     a = ap.parse_args(argv)
-    try:
-        return a.func(a)
-    except (tr.TraceError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return a.func(a)
 
 
 if __name__ == "__main__":
