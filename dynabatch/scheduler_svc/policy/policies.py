@@ -21,6 +21,7 @@ from .slots import WorkerSlot, dominant_bin, eligible
 from .types import Admission, Decision, Waiting, WorkerView
 
 _Entry = tuple[int, int, float, float | None]  # pred, bin, base key, deadline
+_Sample = tuple[list[float], list[int]]
 
 
 class BatchingPolicy:
@@ -128,7 +129,8 @@ class BatchingPolicy:
                 decision.expired.append(r.request_id)
             else:
                 live.append(r)
-        slots = [self._slot(w, live, decision) for w in workers if eligible(w, c)]
+        sample = self._sample(live)
+        slots = [self._slot(w, sample, decision) for w in workers if eligible(w, c)]
         if c.batching == "continuous":
             if live and (any(s.open() for s in slots) or self._any_forced(live, now)):
                 self._fill(live, slots, now, decision)
@@ -164,14 +166,15 @@ class BatchingPolicy:
                "window": c.b_max}[c.batching]
         return min(cap, w.max_running) if w.max_running > 0 else cap
 
-    def _slot(self, w: WorkerView, live: list[Waiting], decision: Decision) -> WorkerSlot:
+    def _slot(self, w: WorkerView, sample: _Sample, decision: Decision) -> WorkerSlot:
         c = self.config
         hard_cap = min(c.b_max, w.max_running) if w.max_running > 0 else c.b_max
+        mean_tokens = self._mean_tokens(sample, w)
+        main_bin = dominant_bin(w) or 0
         if c.controller == "fixed":
             targets = {b: self._fixed_target(w) for b in range(c.num_bins)}
         else:
             targets = {}
-            mean_tokens = self._mean_tokens(live, w)
             for b in range(c.num_bins):
                 per_seq = (blocks_per_seq(w, mean_tokens[b] / w.kv_block_size, c.few_running)
                            if c.num_bins == 1 else max(mean_tokens[b] / w.kv_block_size, 1.0))
@@ -180,33 +183,42 @@ class BatchingPolicy:
                 targets[b] = min(m, s, hard_cap)
                 if c.num_bins > 1:
                     decision.bin_targets[(w.worker_id, b)] = targets[b]
-                if b == (dominant_bin(w) or 0):
+                if b == main_bin:
                     decision.b_mem[w.worker_id], decision.b_sla[w.worker_id] = m, s
-        main = targets[dominant_bin(w) or 0]
-        decision.batch_targets[w.worker_id] = self.targets[w.worker_id] = main
+        decision.batch_targets[w.worker_id] = self.targets[w.worker_id] = targets[main_bin]
         budget = c.prefill_token_budget if c.batching == "continuous" else 1 << 62
-        return WorkerSlot(w, targets, hard_cap, c.reserve_output, budget)
+        typical = sum(sample[0]) / max(sum(sample[1]), 1) / max(w.kv_block_size, 1)
+        return WorkerSlot(w, targets, hard_cap, c.reserve_output, budget, typical)
 
-    def _mean_tokens(self, live: list[Waiting], w: WorkerView) -> list[float]:
-        """Mean planned tokens (prompt + predicted output) per bin, over the worker's assigned
-        requests and the head of the queue: Alg. 1's blocks/seq "from predicted lengths"."""
+    def _sample(self, live: list[Waiting]) -> _Sample:
+        """Planned tokens (prompt + predicted output) and counts per bin at the queue's head."""
         k = self.config.num_bins
         total, count = [0.0] * k, [0] * k
-        for a in w.assigned:
-            total[a.bin] += a.prompt_tokens + a.predicted_output_tokens
-            count[a.bin] += 1
         for r in live[:256]:
             pred, b = self.predict(r)
             total[b] += r.prompt_tokens + pred
             count[b] += 1
+        return total, count
+
+    def _mean_tokens(self, sample: _Sample, w: WorkerView) -> list[float]:
+        """Mean planned tokens per bin over the worker's assigned requests and the queue's
+        head: Alg. 1's blocks/seq "from predicted lengths"."""
+        k = self.config.num_bins
+        total, count = list(sample[0]), list(sample[1])
+        for a in w.assigned:
+            total[a.bin] += a.prompt_tokens + a.predicted_output_tokens
+            count[a.bin] += 1
         overall = sum(total) / max(sum(count), 1)
         return [total[b] / count[b] if count[b] else max(overall, 1.0) for b in range(k)]
 
     def _fill(self, live: list[Waiting], slots: list[WorkerSlot], now: float,
               decision: Decision) -> None:
         """Continuous batching: top up every worker, requests in policy order, each to the
-        worker with the most headroom that fits it. Forced requests (past max_wait) come first
-        and only memory or the hard cap stops them; FCFS never lets a later request overtake.
+        worker with the most headroom that fits it. Forced requests (past max_wait) come first,
+        oldest first, and only memory or the hard cap stops them; one that does not fit holds
+        the worker with the most free KV (nothing else goes there) so that memory drains for it
+        and no request waits unboundedly behind smaller ones. FCFS never lets a later request
+        overtake.
         Beyond the first ones only the head of the order is looked at (4 × room + 16):
         O(n log k), and whatever did not fit is looked at again next decision."""
         c = self.config
@@ -227,10 +239,15 @@ class BatchingPolicy:
         head = heapq.nsmallest(4 * room + 16, range(len(keys)), key=keys.__getitem__)
         for r in itertools.chain(firsts, (rest[i] for i in head)):
             force = not fifo and r.arrival_s <= cutoff
-            if not force and not any(s.open() for s in slots):
+            open_slots = [s for s in slots if not s.held]
+            if not open_slots or (not force and not any(s.open() for s in open_slots)):
                 break                            # forced ones sort first: none are left
-            if not self._place(r, slots, force, decision) and fifo:
+            if self._place(r, open_slots, force, decision):
+                continue
+            if fifo:
                 break
+            if force:                            # hold the roomiest worker until it fits
+                max(open_slots, key=lambda s: s.free_blocks).held = True
 
     def _fill_batches(self, live: list[Waiting], slots: list[WorkerSlot], now: float,
                       decision: Decision) -> None:

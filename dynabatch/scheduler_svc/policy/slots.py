@@ -39,10 +39,12 @@ class WorkerSlot:
     hard_cap: int                    # min(b_max, max_running): never exceeded, even when forced
     reserve_output: bool
     prefill_budget: int
+    typical_blocks: float = 1.0      # a typical request's reservation (sizes the scan)
     free_blocks: int = 0
     running: int = 0
     load: float = 0.0                # sum of 1 / b_target over its sequences
     dominant: int | None = None
+    held: bool = False               # kept free for an older forced request that did not fit
     taken: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -88,7 +90,8 @@ class WorkerSlot:
     def room(self) -> int:
         """About how many more non-forced sequences it may take (sizes the candidate list)."""
         share = int((1.0 - self.load) * self.target(self.dominant or 0)) + 1
-        return max(0, min(self.hard_cap - self.running, share))
+        kv = int(self.free_blocks / max(self.typical_blocks, 1.0)) + 1
+        return max(0, min(self.hard_cap - self.running, share, kv))
 
     def headroom(self, bin_: int) -> tuple[bool, float, float]:
         """Larger is better: same bin as its batch (multi-bin), free batch share, free KV share."""
