@@ -24,6 +24,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=os.environ.get("DYNABATCH_LOG_LEVEL", "INFO"))
 
 
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default=os.environ.get("DYNABATCH_POLICY", "fcfs"), help=POLICY_HELP)
+    p.add_argument("--policy-opt", action="append", metavar="KEY=VALUE",
+                   default=os.environ.get("DYNABATCH_POLICY_OPTS", "").split(),
+                   help="set a policy knob, e.g. tpot_target_s=0.05 max_num_seqs=256 "
+                        "(repeatable; env DYNABATCH_POLICY_OPTS, space-separated)")
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["torch", "fake"], default="torch",
                    help="torch: the real engine; fake: model-free (tests, load benchmarks)")
@@ -41,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(up)
     _engine_args(up)
     up.add_argument("--model", default=DEFAULT_MODEL, help="model name or from_pretrained path")
-    up.add_argument("--policy", default="fcfs", help=POLICY_HELP)
+    _policy_args(up)
     up.add_argument("--requests", type=int, default=64, help="how many requests to send")
     up.add_argument("--max-tokens", type=int, default=32, help="largest max_tokens per request")
     up.add_argument("--json", metavar="PATH", help="write the summary as JSON")
@@ -50,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sch)
     sch.add_argument("--listen", default=os.environ.get("DYNABATCH_LISTEN", "0.0.0.0:50051"))
     sch.add_argument("--model", action="append", help="model(s) served (repeatable)")
-    sch.add_argument("--policy", default=os.environ.get("DYNABATCH_POLICY", "fcfs"), help=POLICY_HELP)
+    _policy_args(sch)
     sch.add_argument("--scheduler-id", default=os.environ.get("DYNABATCH_SCHEDULER_ID"),
                      help="stable id (its token stream in Redis); default: random")
     sch.add_argument("--drain-grace-s", type=float, default=30.0,
@@ -96,7 +104,17 @@ def _mount_bench(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "policy_opt"):
+        from dynabatch.cli.options import policy_config
+        from dynabatch.scheduler_svc.policy import POLICY_NAMES
+        if args.policy not in POLICY_NAMES:
+            parser.error(f"--policy {args.policy!r}: choose one of {', '.join(POLICY_NAMES)}")
+        try:
+            args.policy_config = policy_config(args.policy_opt)
+        except ValueError as e:
+            parser.error(str(e))
     logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
@@ -134,7 +152,8 @@ async def _serve(args) -> int:
 async def _scheduler(args, queue, stop: asyncio.Event) -> None:
     from dynabatch.scheduler_svc.server import SchedulerConfig, SchedulerServer
     cfg = SchedulerConfig(listen=args.listen, models=args.model or [DEFAULT_MODEL],
-                          policy=args.policy, drain_grace_s=args.drain_grace_s)
+                          policy=args.policy, policy_config=args.policy_config,
+                          drain_grace_s=args.drain_grace_s)
     if args.scheduler_id:
         cfg.scheduler_id = args.scheduler_id
     server = SchedulerServer(queue, cfg)

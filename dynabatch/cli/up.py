@@ -93,7 +93,8 @@ def _table(summary: dict, args) -> Table:
 async def up(args) -> int:
     from dynabatch.cli import engine_options
     console = Console(stderr=True)
-    cfg = StackConfig(model=args.model, policy=args.policy, engine=args.engine,
+    cfg = StackConfig(model=args.model, policy=args.policy, policy_config=args.policy_config,
+                      engine=args.engine,
                       engine_options=engine_options(args), redis_url=args.redis_url)
     console.print(f"starting scheduler + worker ({args.engine} engine, model {args.model})...")
     async with LocalStack(cfg) as stack:
