@@ -39,6 +39,35 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running", type=int, default=256, help="most sequences run at once")
     p.add_argument("--kv-blocks", type=int, default=None,
                    help="KV cache blocks (default: sized from free GPU memory, or 4096 on CPU)")
+    p.add_argument("--fake-step-delay-ms", type=float, default=_env_float("DYNABATCH_FAKE_STEP_DELAY_MS", 0),
+                   help="fake engine: sleep this long per step, to stand in for model time "
+                        "(env DYNABATCH_FAKE_STEP_DELAY_MS)")
+    p.add_argument("--fake-crash-token", type=int, default=None,
+                   help="fake engine (chaos tests): the process dies when it steps a request "
+                        "whose prompt holds this token id")
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _security_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--tls-cert", default=env("DYNABATCH_TLS_CERT"),
+                   help="PEM server certificate: serve gRPC over TLS (env DYNABATCH_TLS_CERT)")
+    p.add_argument("--tls-key", default=env("DYNABATCH_TLS_KEY"),
+                   help="PEM private key of --tls-cert (env DYNABATCH_TLS_KEY)")
+    p.add_argument("--tls-client-ca", default=env("DYNABATCH_TLS_CLIENT_CA"),
+                   help="PEM CA: require client certificates it signed, mTLS (env DYNABATCH_TLS_CLIENT_CA)")
+    p.add_argument("--auth-token-file", default=env("DYNABATCH_AUTH_TOKEN_FILE"),
+                   help="file holding the bearer token every call must carry (env "
+                        "DYNABATCH_AUTH_TOKEN_FILE, or the token itself in DYNABATCH_AUTH_TOKEN)")
+    p.add_argument("--max-message-bytes", type=int,
+                   default=int(env("DYNABATCH_MAX_MESSAGE_BYTES", 8 << 20)),
+                   help="largest gRPC message accepted or sent (env DYNABATCH_MAX_MESSAGE_BYTES)")
+    p.add_argument("--max-prompt-tokens", type=int,
+                   default=int(env("DYNABATCH_MAX_PROMPT_TOKENS", 32_768)),
+                   help="longest prompt accepted, in tokens (env DYNABATCH_MAX_PROMPT_TOKENS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_args(sch)
     sch.add_argument("--scheduler-id", default=os.environ.get("DYNABATCH_SCHEDULER_ID"),
                      help="stable id (its token stream in Redis); default: random")
-    sch.add_argument("--drain-grace-s", type=float, default=30.0,
-                     help="on SIGTERM, how long running streams may finish")
+    sch.add_argument("--drain-grace-s", type=float, default=_env_float("DYNABATCH_DRAIN_GRACE_S", 30.0),
+                     help="on SIGTERM, how long running streams may finish before they are handed "
+                          "back to the next instance (env DYNABATCH_DRAIN_GRACE_S)")
+    _security_args(sch)
 
     wk = sub.add_parser("worker", help="run a worker: pulls work, runs the model")
     _common(wk)
@@ -71,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--worker-id", default=os.environ.get("DYNABATCH_WORKER_ID"))
     wk.add_argument("--health-listen", default=os.environ.get("DYNABATCH_HEALTH_LISTEN", "0.0.0.0:50052"),
                     help="grpc.health.v1 endpoint for probes")
+    wk.add_argument("--heartbeat-ttl-s", type=float, default=_env_float("DYNABATCH_HEARTBEAT_TTL_S", 3.0),
+                    help="a worker silent this long is dead and its requests are re-run elsewhere "
+                         "(env DYNABATCH_HEARTBEAT_TTL_S)")
 
     gen = sub.add_parser("generate", help="stream one prompt's output to stdout")
     gen.add_argument("prompt")
@@ -82,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--model", default="")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--tls-ca", default=os.environ.get("DYNABATCH_TLS_CA"),
+                     help="PEM CA of the scheduler's certificate: connect over TLS (env DYNABATCH_TLS_CA)")
+    gen.add_argument("--tls-client-cert", default=os.environ.get("DYNABATCH_TLS_CLIENT_CERT"),
+                     help="PEM client certificate for mTLS (env DYNABATCH_TLS_CLIENT_CERT)")
+    gen.add_argument("--tls-client-key", default=os.environ.get("DYNABATCH_TLS_CLIENT_KEY"),
+                     help="PEM key of --tls-client-cert (env DYNABATCH_TLS_CLIENT_KEY)")
 
     bench = sub.add_parser("bench", help="benchmarks: engine, simulate, replay, capacity, report")
     _mount_bench(bench.add_subparsers(dest="bench_command", required=True))
@@ -138,6 +178,9 @@ async def _serve(args) -> int:
               "Redis; `dynabatch up` runs everything in one process without it)", file=sys.stderr)
         return 2
     from dynabatch.wire.queue import connect
+    from dynabatch.wire.redis_queue import redact
+    logging.getLogger("dynabatch").info("queue: %s (prefix %s)", redact(args.redis_url),
+                                        args.redis_prefix)
     queue = connect(args.redis_url, args.redis_prefix)
     try:
         if args.command == "scheduler":
@@ -151,9 +194,13 @@ async def _serve(args) -> int:
 
 async def _scheduler(args, queue, stop: asyncio.Event) -> None:
     from dynabatch.scheduler_svc.server import SchedulerConfig, SchedulerServer
+    from dynabatch.scheduler_svc.validation import Limits
     cfg = SchedulerConfig(listen=args.listen, models=args.model or [DEFAULT_MODEL],
                           policy=args.policy, policy_config=args.policy_config,
-                          drain_grace_s=args.drain_grace_s)
+                          drain_grace_s=args.drain_grace_s,
+                          limits=Limits(max_prompt_tokens=args.max_prompt_tokens),
+                          max_message_bytes=args.max_message_bytes, tls=_tls_files(args),
+                          auth_token=_auth_token(args))
     if args.scheduler_id:
         cfg.scheduler_id = args.scheduler_id
     server = SchedulerServer(queue, cfg)
@@ -162,10 +209,27 @@ async def _scheduler(args, queue, stop: asyncio.Event) -> None:
     await server.stop()
 
 
+def _tls_files(args):
+    from dynabatch.scheduler_svc.security import TlsFiles
+    if not (args.tls_cert or args.tls_key):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("dynabatch scheduler: --tls-cert and --tls-key go together")
+    return TlsFiles(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+
+
+def _auth_token(args) -> str | None:
+    if args.auth_token_file:
+        with open(args.auth_token_file) as f:
+            return f.read().strip() or None
+    return os.environ.get("DYNABATCH_AUTH_TOKEN") or None
+
+
 async def _worker(args, queue, stop: asyncio.Event) -> None:
     from dynabatch.worker_svc.app import build, new_worker_id, run_worker
     from dynabatch.worker_svc.loop import WorkerConfig
-    cfg = WorkerConfig(worker_id=args.worker_id or new_worker_id(), model=args.model)
+    cfg = WorkerConfig(worker_id=args.worker_id or new_worker_id(), model=args.model,
+                       heartbeat_ttl_s=args.heartbeat_ttl_s)
     await run_worker(queue, cfg, lambda: build(args.engine, args.model, **engine_options(args)),
                      stop, args.health_listen)
 
@@ -173,7 +237,8 @@ async def _worker(args, queue, stop: asyncio.Event) -> None:
 def engine_options(args) -> dict:
     """Engine keyword arguments from the CLI flags."""
     if args.engine == "fake":
-        return {"max_running": args.max_running,
+        return {"max_running": args.max_running, "step_delay_s": args.fake_step_delay_ms / 1000,
+                "crash_token_id": args.fake_crash_token,
                 **({"num_kv_blocks": args.kv_blocks} if args.kv_blocks else {})}
     return {"device": args.device, "max_running": args.max_running, "num_kv_blocks": args.kv_blocks}
 

@@ -1,13 +1,18 @@
 """`dynabatch generate`: stream one prompt's output to stdout."""
 from __future__ import annotations
 
+import os
 import sys
 
-from dynabatch.client import DynabatchClient, DynabatchError
+from dynabatch.client import DynabatchClient, DynabatchError, tls_credentials
 
 
 def generate(args) -> int:
-    with DynabatchClient(args.target, timeout=args.timeout) as client:
+    """Token: env DYNABATCH_AUTH_TOKEN (never a flag: command lines are visible to other users)."""
+    creds = (tls_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key)
+             if args.tls_ca or args.tls_client_cert else None)
+    with DynabatchClient(args.target, timeout=args.timeout, credentials=creds,
+                         token=os.environ.get("DYNABATCH_AUTH_TOKEN")) as client:
         try:
             final = None
             for msg in client.stream(args.prompt, max_tokens=args.max_tokens, model=args.model,

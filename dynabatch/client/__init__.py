@@ -9,8 +9,10 @@ from dynabatch.client.errors import (Cancelled, DeadlineExceeded, DynabatchError
                                      InvalidArgument, NotFound, ResourceExhausted, Unauthenticated,
                                      Unavailable)
 from dynabatch.client.request import GenerateResult, build_request
+from dynabatch.client.resume import tls_credentials
 from dynabatch.client.sync import DynabatchClient
 
 __all__ = ["AsyncDynabatchClient", "DynabatchClient", "GenerateResult", "build_request",
+           "tls_credentials",
            "DynabatchError", "InvalidArgument", "ResourceExhausted", "DeadlineExceeded",
            "Unavailable", "Cancelled", "NotFound", "Unauthenticated", "Internal"]

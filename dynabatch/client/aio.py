@@ -1,12 +1,14 @@
 """The asyncio client."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from dynabatch.client.errors import from_rpc_error
 from dynabatch.client.request import GenerateResult, build_request
+from dynabatch.client.resume import StreamState, call_metadata
 from dynabatch.v1 import scheduler_pb2 as pb
 from dynabatch.v1 import scheduler_pb2_grpc
 
@@ -15,17 +17,22 @@ class AsyncDynabatchClient:
     """Talks to a dynabatch scheduler. Use as `async with AsyncDynabatchClient(target) as c:`.
 
     `timeout` (seconds) is the default deadline of every call; a per-call `timeout=` overrides it.
-    Leaving a `stream()` loop early cancels the request on the server.
+    `credentials` (see dynabatch.client.tls_credentials) switch to TLS, `token` adds a bearer
+    token. A stream that breaks with UNAVAILABLE is resumed where it stopped, up to
+    `resume_retries` consecutive attempts (0: never). Leaving a `stream()` loop early cancels the
+    request on the server.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
-                 credentials: grpc.ChannelCredentials | None = None,
-                 metadata: tuple[tuple[str, str], ...] = (), options: list | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 metadata: tuple[tuple[str, str], ...] = (), options: list | None = None,
+                 resume_retries: int = 10) -> None:
         opts = options or []
         self.channel = (grpc.aio.secure_channel(target, credentials, options=opts) if credentials
                         else grpc.aio.insecure_channel(target, options=opts))
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
-        self.timeout, self.metadata = timeout, metadata
+        self.timeout, self.metadata = timeout, call_metadata(metadata, token)
+        self.resume_retries = resume_retries
 
     async def __aenter__(self) -> AsyncDynabatchClient:
         return self
@@ -39,19 +46,26 @@ class AsyncDynabatchClient:
     async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
                      **fields) -> AsyncIterator[pb.GenerateResponse]:
         """Yield each token delta as it arrives; raises a DynabatchError subclass on failure."""
-        request = build_request(prompt, **fields)
-        call = self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata)
-        finished = False
+        state = StreamState(build_request(prompt, **fields), timeout or self.timeout,
+                            self.resume_retries)
+        call, finished = None, False
         try:
-            async for msg in call:
-                if msg.finish_reason:
+            while not finished:
+                call = state.next_call(self.stub, self.metadata)
+                try:
+                    async for msg in call:
+                        state.seen(msg)
+                        finished = bool(msg.finish_reason)
+                        yield msg
                     finished = True
-                yield msg
-        except grpc.aio.AioRpcError as e:
-            finished = True
-            raise from_rpc_error(e, request.request_id) from None
+                except grpc.aio.AioRpcError as e:
+                    delay = state.retry_delay(e)
+                    if delay is None:
+                        finished = True
+                        raise from_rpc_error(e, state.request.request_id) from None
+                    await asyncio.sleep(delay)
         finally:
-            if not finished:
+            if not finished and call is not None:
                 call.cancel()
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None,

@@ -1,6 +1,7 @@
 """Building requests and collecting results: shared by the sync and async clients."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from dynabatch.v1 import scheduler_pb2 as pb
@@ -17,14 +18,16 @@ def build_request(prompt: str | None = None, *, prompt_token_ids: list[int] | No
                   priority: str | int = 0, expected_output_tokens: int = 0,
                   ttft_target_ms: int = 0, tpot_target_ms: int = 0, max_queue_ms: int = 0,
                   request_id: str = "", skip_text: bool = False) -> pb.GenerateRequest:
-    """Keyword arguments to a GenerateRequest (fields left unset take the server's defaults)."""
+    """Keyword arguments to a GenerateRequest (fields left unset take the server's defaults).
+
+    Without a request_id one is chosen here, so that a broken stream can be resumed by id."""
     sampling = pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     if seed is not None:
         sampling.seed = seed
     if isinstance(priority, str):
         priority = PRIORITIES[priority]
     return pb.GenerateRequest(
-        request_id=request_id, model=model, prompt=prompt or "",
+        request_id=request_id or uuid.uuid4().hex, model=model, prompt=prompt or "",
         prompt_token_ids=prompt_token_ids or [], max_tokens=max_tokens, sampling=sampling,
         stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos, priority=priority,
         expected_output_tokens=expected_output_tokens, ttft_target_ms=ttft_target_ms,

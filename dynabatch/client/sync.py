@@ -1,12 +1,14 @@
 """The blocking client."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
 
 from dynabatch.client.errors import from_rpc_error
 from dynabatch.client.request import GenerateResult, build_request
+from dynabatch.client.resume import StreamState, call_metadata
 from dynabatch.v1 import scheduler_pb2 as pb
 from dynabatch.v1 import scheduler_pb2_grpc
 
@@ -15,13 +17,15 @@ class DynabatchClient:
     """Blocking twin of AsyncDynabatchClient (same arguments, same errors)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
-                 credentials: grpc.ChannelCredentials | None = None,
-                 metadata: tuple[tuple[str, str], ...] = (), options: list | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 metadata: tuple[tuple[str, str], ...] = (), options: list | None = None,
+                 resume_retries: int = 10) -> None:
         opts = options or []
         self.channel = (grpc.secure_channel(target, credentials, options=opts) if credentials
                         else grpc.insecure_channel(target, options=opts))
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
-        self.timeout, self.metadata = timeout, metadata
+        self.timeout, self.metadata = timeout, call_metadata(metadata, token)
+        self.resume_retries = resume_retries
 
     def __enter__(self) -> DynabatchClient:
         return self
@@ -35,19 +39,26 @@ class DynabatchClient:
     def stream(self, prompt: str | None = None, *, timeout: float | None = None,
                **fields) -> Iterator[pb.GenerateResponse]:
         """Yield each token delta as it arrives; closing the iterator early cancels the request."""
-        request = build_request(prompt, **fields)
-        call = self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata)
-        finished = False
+        state = StreamState(build_request(prompt, **fields), timeout or self.timeout,
+                            self.resume_retries)
+        call, finished = None, False
         try:
-            for msg in call:
-                if msg.finish_reason:
+            while not finished:
+                call = state.next_call(self.stub, self.metadata)
+                try:
+                    for msg in call:
+                        state.seen(msg)
+                        finished = bool(msg.finish_reason)
+                        yield msg
                     finished = True
-                yield msg
-        except grpc.RpcError as e:
-            finished = True
-            raise from_rpc_error(e, request.request_id) from None
+                except grpc.RpcError as e:
+                    delay = state.retry_delay(e)
+                    if delay is None:
+                        finished = True
+                        raise from_rpc_error(e, state.request.request_id) from None
+                    time.sleep(delay)
         finally:
-            if not finished:
+            if not finished and call is not None:
                 call.cancel()
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None,

@@ -15,7 +15,8 @@ import grpc
 from dynabatch.scheduler_svc.policy import Assigned, Decision, Policy, Waiting, WorkerView
 from dynabatch.scheduler_svc.requests import Failure, RequestTable
 from dynabatch.v1.worker_pb2 import WorkerControl, WorkerFeedback, WorkItem
-from dynabatch.wire.queue import Queue
+from dynabatch.wire.backoff import Backoff
+from dynabatch.wire.queue import Queue, QueueError
 
 log = logging.getLogger("dynabatch.scheduler")
 
@@ -41,6 +42,7 @@ class BatchingLoop:
         self.last_waiting: list[Waiting] = []   # the latest snapshot (admission control reads it)
         self.models: dict[str, str] = {}         # worker id -> model it serves
         self._seen_steps: dict[str, int] = {}
+        self.backoff = Backoff()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -51,6 +53,9 @@ class BatchingLoop:
             self.wake.clear()
             try:
                 await self.tick(time.time())
+                self.backoff.ok("batching")
+            except QueueError as e:
+                await self.backoff.wait(e, "batching")
             except Exception:  # one bad tick must not stop scheduling
                 log.exception("batching tick failed")
                 await asyncio.sleep(0.1)

@@ -7,11 +7,11 @@ class IncrementalDetokenizer:
 
     WINDOW = 6   # tokens of context kept before the unread part (enough for merges to settle)
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, already_read: list[int] | None = None) -> None:
         self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0    # start of the decoding window
-        self.read = 0      # tokens whose text was already emitted
+        self.ids: list[int] = list(already_read or [])   # a resumed stream: text sent before
+        self.read = len(self.ids)                         # tokens whose text was already emitted
+        self.prefix = max(0, self.read - self.WINDOW)     # start of the decoding window
 
     def add(self, token_ids: list[int], final: bool = False) -> str:
         self.ids.extend(token_ids)

@@ -1,4 +1,4 @@
-"""The token relay: worker deltas in, client stream messages out."""
+"""The token relay: worker deltas in, request outputs (which client streams follow) out."""
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +9,14 @@ import grpc
 
 from dynabatch.scheduler_svc.batching import BatchingLoop
 from dynabatch.scheduler_svc.policy import Policy
-from dynabatch.scheduler_svc.requests import Failure, RequestTable
+from dynabatch.scheduler_svc.requests import Failure, RequestTable, Tracked
 from dynabatch.v1.scheduler_pb2 import FinishReason
 from dynabatch.v1.worker_pb2 import TokenDelta
-from dynabatch.wire.queue import Queue
+from dynabatch.wire.backoff import Backoff
+from dynabatch.wire.queue import Queue, QueueError
 
 log = logging.getLogger("dynabatch.scheduler")
+MAX_CRASHES = 2     # a request that was running on this many crashed workers is poison
 
 
 class Relay:
@@ -22,52 +24,76 @@ class Relay:
                  batching: BatchingLoop) -> None:
         self.queue, self.scheduler_id, self.table = queue, scheduler_id, table
         self.policy, self.batching = policy, batching
+        self.backoff = Backoff()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 batches = await self.queue.read_deltas(self.scheduler_id, 0.05)
-            except Exception:
-                log.exception("reading token deltas failed")
-                await asyncio.sleep(0.1)
+                self.backoff.ok("relay")
+            except QueueError as e:
+                await self.backoff.wait(e, "relay")
                 continue
             now = time.monotonic()
             for batch in batches:
                 for delta in batch.deltas:
-                    await self.handle(delta, now)
+                    try:
+                        await self.handle(delta, now)
+                    except QueueError as e:   # the request stays; its client may time out
+                        log.warning("relay: %s for %s", e, delta.request_id)
 
     async def handle(self, delta: TokenDelta, now: float) -> None:
         tracked = self.table.get(delta.request_id)
-        if tracked is None:
-            return   # cancelled or failed meanwhile; the worker has been told
-        if delta.preempted:
+        if tracked is None or delta.attempt != tracked.item.attempt:
+            return   # ended meanwhile (the worker has been told), or from a superseded run
+        if delta.worker_lost:
+            await self._lost(tracked, delta.worker_id)
+        elif delta.preempted:
             await self._requeue(tracked)
-            return
-        if delta.finish_reason == FinishReason.FINISH_REASON_ERROR:
+        elif delta.finish_reason == FinishReason.FINISH_REASON_ERROR:
             await self._end(delta.request_id, "failed",
                             Failure(grpc.StatusCode.INTERNAL, f"worker error: {delta.error}"))
-            return
-        try:
-            msg = tracked.accept(delta, now)
-        except ValueError as e:
-            log.error("%s", e)
-            await self._end(delta.request_id, "failed", Failure(grpc.StatusCode.INTERNAL, str(e)))
-            return
-        if msg is None:
-            return
-        tracked.stream.put_nowait(msg)
-        if tracked.finished:
-            cancelled = delta.finish_reason == FinishReason.FINISH_REASON_CANCELLED
-            self.policy.on_finish(delta.request_id, len(tracked.item.prompt_token_ids),
-                                  len(tracked.output), time.time())
-            await self._end(delta.request_id, "cancelled" if cancelled else "completed")
+        else:
+            try:
+                tracked.accept(delta, now)
+            except ValueError as e:      # tokens went missing on the way (a queue outage)
+                log.error("%s", e)
+                await self._end(delta.request_id, "failed",
+                                Failure(grpc.StatusCode.UNAVAILABLE, f"token stream broken: {e}"))
+                return
+            if tracked.finished:
+                await self._finished(tracked, delta)
 
-    async def _requeue(self, tracked) -> None:
-        """The worker gave the request back: it runs again later, after the tokens already sent."""
+    async def _finished(self, tracked: Tracked, delta: TokenDelta) -> None:
+        cancelled = delta.finish_reason == FinishReason.FINISH_REASON_CANCELLED
+        self.policy.on_finish(delta.request_id, len(tracked.item.prompt_token_ids),
+                              len(tracked.output), time.time())
+        await self._end(delta.request_id, "cancelled" if cancelled else "completed")
+
+    async def _lost(self, tracked: Tracked, worker_id: str) -> None:
+        """Its worker died: run it again elsewhere, unless it has now killed MAX_CRASHES workers."""
+        tracked.item.crashes += 1
+        rid = tracked.item.request_id
+        if tracked.item.crashes >= MAX_CRASHES:
+            log.error("%s: poison request (its worker crashed %d times); failing it", rid,
+                      tracked.item.crashes)
+            await self._end(rid, "failed", Failure(
+                grpc.StatusCode.INTERNAL,
+                f"poison request: {tracked.item.crashes} workers crashed while running it"))
+            return
+        log.warning("%s: worker %s died; re-queued after %d delivered tokens", rid, worker_id,
+                    len(tracked.output))
+        await self._requeue(tracked)
+
+    async def _requeue(self, tracked: Tracked) -> None:
+        """Run it again later, after the tokens already sent (preempted, or its worker died)."""
         item = tracked.item
         del item.resume_token_ids[:]
         item.resume_token_ids.extend(tracked.output)
         item.attempt += 1
+        if item.queue_deadline_unix_ns:     # a fresh queue TTL: the wait starts again
+            item.queue_deadline_unix_ns = time.time_ns() + (item.queue_deadline_unix_ns
+                                                            - item.arrival_unix_ns)
         tracked.worker_id = None
         await self.queue.requeue(item)
         self.batching.wake.set()

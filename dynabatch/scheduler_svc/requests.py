@@ -1,12 +1,16 @@
 """Requests the scheduler is serving: their client streams, offsets and timings.
 
 Delivery is idempotent: a delta whose tokens were already relayed (a re-run after preemption or a
-worker crash) is trimmed by offset, so a client never sees a token twice.
+worker crash) is trimmed by offset, so a client never sees a token twice. A request's output is a
+log that client streams follow from an offset: Generate from 0, Resume from where a broken
+stream stopped; a stream that fell behind gets everything new in one message.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,41 +31,91 @@ class Failure:
 class Tracked:
     item: WorkItem
     arrival: float                                   # time.monotonic() at arrival
-    tokenizer: object | None                         # None when the client skipped text
-    stream: asyncio.Queue = field(default_factory=asyncio.Queue)
     output: list[int] = field(default_factory=list)  # every token relayed so far
     worker_id: str | None = None
     assigned_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
-    finished: bool = False
-    detok: IncrementalDetokenizer | None = None
+    finish_reason: int = 0                           # FinishReason once finished
+    final_timings: Timings | None = None
+    failure: Failure | None = None                   # ends every stream with this status
+    detached: Failure | None = None                  # ends the streams only (request lives on)
+    streams: int = 0                                 # client streams following it now
+    _listeners: set[asyncio.Event] = field(default_factory=set)
 
-    def __post_init__(self) -> None:
-        if self.tokenizer is not None:
-            self.detok = IncrementalDetokenizer(self.tokenizer)
+    @property
+    def finished(self) -> bool:
+        return bool(self.finish_reason) or self.failure is not None
 
-    def accept(self, delta: TokenDelta, now: float) -> GenerateResponse | None:
-        """Turn a worker's delta into the client's next message (None if nothing new)."""
+    def accept(self, delta: TokenDelta, now: float) -> bool:
+        """Add a worker's delta to the output; False if it brought nothing new."""
         skip = len(self.output) - delta.offset
         if skip < 0:
             raise ValueError(f"gap in {self.item.request_id}: expected offset {len(self.output)}, "
                              f"got {delta.offset}")
-        new = list(delta.token_ids[skip:])
+        new = delta.token_ids[skip:]
         final = delta.finish_reason != FinishReason.FINISH_REASON_UNSPECIFIED
         if not new and not final:
-            return None
-        offset = len(self.output)
-        self.output.extend(new)
+            return False
         if new:
+            self.output.extend(new)
             self.first_token_at = self.first_token_at or now
             self.last_token_at = now
-        text = self.detok.add(new, final=final) if self.detok else ""
-        msg = GenerateResponse(request_id=self.item.request_id, token_ids=new, text=text, offset=offset)
         if final:
-            self.finished = True
-            msg.finish_reason = delta.finish_reason
-            msg.timings.CopyFrom(self.timings(now))
+            self.finish_reason = delta.finish_reason
+            self.final_timings = self.timings(now)
+        self._notify()
+        return True
+
+    def fail(self, failure: Failure) -> None:
+        self.failure = failure
+        self._notify()
+
+    def detach(self, why: Failure) -> None:
+        """End the client streams (they may Resume), keep the request."""
+        self.detached = why
+        self._notify()
+
+    def _notify(self) -> None:
+        for event in self._listeners:
+            event.set()
+
+    async def follow(self, offset: int, tokenizer=None) -> AsyncIterator[GenerateResponse | Failure]:
+        """The stream from `offset`: everything new per message, the final one with timings; a
+        Failure last if the request failed or the stream was detached."""
+        event = asyncio.Event()
+        self._listeners.add(event)
+        detok = IncrementalDetokenizer(tokenizer, self.output[:offset]) if tokenizer else None
+        pos = offset
+        try:
+            while True:
+                event.clear()
+                n, done = len(self.output), bool(self.finish_reason)
+                if done and pos > n:
+                    yield Failure(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"offset: {pos} is past the end of the output ({n} tokens)")
+                    return
+                if n > pos or done:
+                    yield self._message(pos, n, detok, done)
+                    pos = n
+                    if done:
+                        return
+                    continue
+                if self.failure or self.detached:
+                    yield self.failure or self.detached
+                    return
+                await event.wait()
+        finally:
+            self._listeners.discard(event)
+
+    def _message(self, start: int, end: int, detok, final: bool) -> GenerateResponse:
+        new = self.output[start:end]
+        text = detok.add(new, final=final) if detok else ""
+        msg = GenerateResponse(request_id=self.item.request_id, token_ids=new, text=text,
+                               offset=start)
+        if final:
+            msg.finish_reason = self.finish_reason
+            msg.timings.CopyFrom(self.final_timings)
         return msg
 
     def timings(self, now: float) -> Timings:
@@ -75,29 +129,52 @@ class Tracked:
 
 
 class RequestTable:
-    """All requests this scheduler relays, by id."""
+    """All requests this scheduler relays, by id, and the recently ended ones (for Resume)."""
+
+    RECENT_KEEP = 2048          # ended requests kept for a late Resume...
+    RECENT_TTL_S = 60.0         # ...for at most this long
 
     def __init__(self) -> None:
         self.by_id: dict[str, Tracked] = {}
+        self.recent: OrderedDict[str, tuple[float, Tracked]] = OrderedDict()
         self.counts = {"completed": 0, "rejected": 0, "cancelled": 0, "failed": 0}
 
-    def add(self, item: WorkItem, tokenizer) -> Tracked:
-        tracked = Tracked(item=item, arrival=time.monotonic(), tokenizer=tokenizer)
+    def add(self, item: WorkItem, output: list[int] | None = None) -> Tracked:
+        tracked = Tracked(item=item, arrival=time.monotonic(), output=list(output or []))
         self.by_id[item.request_id] = tracked
         return tracked
 
     def get(self, request_id: str) -> Tracked | None:
         return self.by_id.get(request_id)
 
+    def find(self, request_id: str) -> Tracked | None:
+        """A live request, or one that ended recently."""
+        tracked = self.by_id.get(request_id)
+        if tracked is None and request_id in self.recent:
+            tracked = self.recent[request_id][1]
+        return tracked
+
     def end(self, request_id: str, outcome: str, failure: Failure | None = None) -> Tracked | None:
-        """Forget a request; with a failure, its client stream ends with that status."""
+        """Forget a request; with a failure, its client streams end with that status."""
         tracked = self.by_id.pop(request_id, None)
         if tracked is None:
             return None
         self.counts[outcome] += 1
         if failure is not None:
-            tracked.stream.put_nowait(failure)
+            tracked.fail(failure)
+        self._remember(request_id, tracked)
         return tracked
+
+    def _remember(self, request_id: str, tracked: Tracked) -> None:
+        now = time.monotonic()
+        self.recent[request_id] = (now, tracked)
+        while self.recent and (len(self.recent) > self.RECENT_KEEP
+                               or next(iter(self.recent.values()))[0] < now - self.RECENT_TTL_S):
+            self.recent.popitem(last=False)
+
+    def detach_all(self, why: Failure) -> None:
+        for tracked in self.by_id.values():
+            tracked.detach(why)
 
     def on_worker(self, worker_id: str) -> list[Tracked]:
         return [t for t in self.by_id.values() if t.worker_id == worker_id and not t.finished]

@@ -8,15 +8,23 @@ import time
 import grpc
 
 from dynabatch.scheduler_svc.batching import BatchingLoop, to_waiting
+from dynabatch.scheduler_svc.handlers import Malformed
 from dynabatch.scheduler_svc.policy import Policy
-from dynabatch.scheduler_svc.requests import Failure, RequestTable
+from dynabatch.scheduler_svc.requests import Failure, RequestTable, Tracked
 from dynabatch.scheduler_svc.validation import InvalidRequest, Limits, ModelInfo, validate
 from dynabatch.v1 import scheduler_pb2 as pb
 from dynabatch.v1 import scheduler_pb2_grpc
 from dynabatch.v1.worker_pb2 import WorkerControl
-from dynabatch.wire.queue import Queue
+from dynabatch.wire.queue import Queue, QueueError
 
 log = logging.getLogger("dynabatch.scheduler")
+DRAINING = "scheduler is draining; retry (another replica, or this one after its restart)"
+
+
+async def _check(request, context) -> None:
+    """A request that did not even decode (e.g. invalid UTF-8 in a string) is INVALID_ARGUMENT."""
+    if isinstance(request, Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
@@ -30,8 +38,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self._cleanups: set[asyncio.Task] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        await _check(request, context)
         if not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is draining; retry another")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         try:
             item = validate(request, self.models, self.default_model, self.limits,
                             self.scheduler_id, time.time_ns())
@@ -44,31 +53,59 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                       self.batching.workers, time.time())
         if not admission.accepted:
             self.table.counts["rejected"] += 1
-            ms = int(admission.retry_after_s * 1000)
+            ms = max(1, int(admission.retry_after_s * 1000))
             context.set_trailing_metadata((("retry-after-ms", str(ms)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"not admitted: {admission.reason}; retry after {ms} ms")
-        tokenizer = None if request.skip_text else self.models[item.model].tokenizer
-        tracked = self.table.add(item, tokenizer)
+        tracked = self.table.add(item)
         await context.send_initial_metadata((("x-request-id", item.request_id),))
-        await self.queue.submit(item)
+        try:
+            await self.queue.submit(item)
+        except QueueError as e:
+            self.table.end(item.request_id, "failed")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"queue unavailable: {e}")
         self.batching.wake.set()
         log.debug("queued %s (%d prompt tokens)", item.request_id, len(item.prompt_token_ids))
+        async for msg in self._stream(tracked, 0, request.skip_text, context):
+            yield msg
+
+    async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext):
+        await _check(request, context)
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
+        tracked = self.table.find(request.request_id)
+        if tracked is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"request_id: {request.request_id!r} is unknown here or ended long ago")
+        await context.send_initial_metadata((("x-request-id", tracked.item.request_id),))
+        async for msg in self._stream(tracked, request.offset, request.skip_text, context):
+            yield msg
+
+    async def _stream(self, tracked: Tracked, offset: int, skip_text: bool, context):
+        """Follow a request's output from `offset`; a client leaving cancels it (not while
+        draining: then the request is handed back to the next scheduler instance)."""
+        model = self.models.get(tracked.item.model)
+        tokenizer = None if skip_text or model is None else model.tokenizer
+        tracked.streams += 1
         try:
-            while True:
-                msg = await tracked.stream.get()
+            async for msg in tracked.follow(offset, tokenizer):
                 if isinstance(msg, Failure):
                     await context.abort(msg.code, msg.message)
                 yield msg
-                if msg.finish_reason:
-                    return
         except asyncio.CancelledError:
-            task = asyncio.ensure_future(self.cancel(item.request_id, "client went away"))
-            self._cleanups.add(task)
-            task.add_done_callback(self._cleanups.discard)
+            if self.accepting and tracked.streams == 1 and not tracked.finished:
+                self._spawn(self.cancel(tracked.item.request_id, "client went away"))
             raise
+        finally:
+            tracked.streams -= 1
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
+        await _check(request, context)
         return pb.CancelResponse(cancelled=await self.cancel(request.request_id, "cancelled by client"))
 
     async def cancel(self, request_id: str, why: str) -> bool:
@@ -78,14 +115,18 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return False
         worker = tracked.worker_id
         self.table.end(request_id, "cancelled", Failure(grpc.StatusCode.CANCELLED, why))
-        if not await self.queue.remove_waiting(request_id) and worker:
-            await self.queue.send_control(worker, WorkerControl(cancel_request_ids=[request_id]))
-        await self.queue.finish(request_id)
+        try:
+            if not await self.queue.remove_waiting(request_id) and worker:
+                await self.queue.send_control(worker, WorkerControl(cancel_request_ids=[request_id]))
+            await self.queue.finish(request_id)
+        except QueueError as e:
+            log.warning("cancel %s: %s (the queue forgets it when its state is lost)", request_id, e)
         self.batching.wake.set()
         log.info("cancelled %s (%s)", request_id, why)
         return True
 
     async def GetStats(self, request, context) -> pb.GetStatsResponse:
+        await _check(request, context)
         running = self.batching.running_by_worker()
         resp = pb.GetStatsResponse(policy=self.policy.name, waiting=self.batching.waiting_count,
                                    running=sum(running.values()), models=sorted(self.models),

@@ -107,6 +107,16 @@ class GenerateResponse(_message.Message):
     timings: Timings
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., offset: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
+class ResumeRequest(_message.Message):
+    __slots__ = ("request_id", "offset", "skip_text")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SKIP_TEXT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    offset: int
+    skip_text: bool
+    def __init__(self, request_id: _Optional[str] = ..., offset: _Optional[int] = ..., skip_text: _Optional[bool] = ...) -> None: ...
+
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

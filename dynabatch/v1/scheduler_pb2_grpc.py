@@ -41,6 +41,11 @@ class SchedulerStub:
                 request_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/dynabatch.v1.Scheduler/Resume',
+                request_serializer=dynabatch_dot_v1_dot_scheduler__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/dynabatch.v1.Scheduler/Cancel',
                 request_serializer=dynabatch_dot_v1_dot_scheduler__pb2.CancelRequest.SerializeToString,
@@ -70,9 +75,19 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Cancel(self, request, context):
+    def Resume(self, request, context):
         """Cancel stops a request wherever it is (waiting or running) and frees its worker slot.
+        Resume re-attaches to a request whose stream broke (scheduler restart, network): the tokens
+        from `offset` on, then the rest of the stream, exactly as Generate would have sent them.
+        Errors: NOT_FOUND (unknown, or finished too long ago), INVALID_ARGUMENT (offset past the
+        end), and those of Generate. The SDK calls it by itself on UNAVAILABLE mid-stream.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -90,6 +105,11 @@ def add_SchedulerServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateRequest.FromString,
+                    response_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.ResumeRequest.FromString,
                     response_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
@@ -131,6 +151,33 @@ class Scheduler:
             target,
             '/dynabatch.v1.Scheduler/Generate',
             dynabatch_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
+            dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dynabatch.v1.Scheduler/Resume',
+            dynabatch_dot_v1_dot_scheduler__pb2.ResumeRequest.SerializeToString,
             dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

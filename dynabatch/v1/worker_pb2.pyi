@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkItem(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "max_tokens", "sampling", "stop_token_ids", "ignore_eos", "priority", "resume_token_ids", "scheduler_id", "attempt", "arrival_unix_ns", "predicted_output_tokens", "bin", "ttft_target_ms", "tpot_target_ms", "queue_deadline_unix_ns", "expected_output_tokens", "trace_context")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "max_tokens", "sampling", "stop_token_ids", "ignore_eos", "priority", "resume_token_ids", "scheduler_id", "attempt", "arrival_unix_ns", "predicted_output_tokens", "bin", "ttft_target_ms", "tpot_target_ms", "queue_deadline_unix_ns", "expected_output_tokens", "trace_context", "crashes")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class WorkItem(_message.Message):
     QUEUE_DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CRASHES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -54,10 +55,11 @@ class WorkItem(_message.Message):
     queue_deadline_unix_ns: int
     expected_output_tokens: int
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., priority: _Optional[_Union[_scheduler_pb2.Priority, str]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., scheduler_id: _Optional[str] = ..., attempt: _Optional[int] = ..., arrival_unix_ns: _Optional[int] = ..., predicted_output_tokens: _Optional[int] = ..., bin: _Optional[int] = ..., ttft_target_ms: _Optional[int] = ..., tpot_target_ms: _Optional[int] = ..., queue_deadline_unix_ns: _Optional[int] = ..., expected_output_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    crashes: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., priority: _Optional[_Union[_scheduler_pb2.Priority, str]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., scheduler_id: _Optional[str] = ..., attempt: _Optional[int] = ..., arrival_unix_ns: _Optional[int] = ..., predicted_output_tokens: _Optional[int] = ..., bin: _Optional[int] = ..., ttft_target_ms: _Optional[int] = ..., tpot_target_ms: _Optional[int] = ..., queue_deadline_unix_ns: _Optional[int] = ..., expected_output_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., crashes: _Optional[int] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
-    __slots__ = ("request_id", "token_ids", "offset", "finish_reason", "error", "worker_id", "preempted")
+    __slots__ = ("request_id", "token_ids", "offset", "finish_reason", "error", "worker_id", "preempted", "attempt", "worker_lost")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,8 @@ class TokenDelta(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PREEMPTED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_LOST_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     offset: int
@@ -72,7 +76,9 @@ class TokenDelta(_message.Message):
     error: str
     worker_id: str
     preempted: bool
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., finish_reason: _Optional[_Union[_scheduler_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., worker_id: _Optional[str] = ..., preempted: _Optional[bool] = ...) -> None: ...
+    attempt: int
+    worker_lost: bool
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., finish_reason: _Optional[_Union[_scheduler_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., worker_id: _Optional[str] = ..., preempted: _Optional[bool] = ..., attempt: _Optional[int] = ..., worker_lost: _Optional[bool] = ...) -> None: ...
 
 class TokenDeltaBatch(_message.Message):
     __slots__ = ("deltas", "step_end_unix_ns")

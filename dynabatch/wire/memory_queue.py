@@ -50,6 +50,9 @@ class MemoryQueue:
         return [WorkItem.FromString(b) for b in self._waiting.values()]
 
     async def assign(self, worker_id: str, items: list[WorkItem]) -> list[str]:
+        expiry = self._workers.get(worker_id, (0.0, b""))[0]
+        if expiry <= time.monotonic():
+            return []                       # dead or unknown: its work would never run
         moved = []
         for item in items:
             if self._waiting.pop(item.request_id, None) is None:
@@ -81,6 +84,23 @@ class MemoryQueue:
 
     async def finish(self, request_id: str) -> None:
         self._waiting.pop(request_id, None)
+
+    async def reclaim_dead(self) -> list[WorkItem]:
+        now = time.monotonic()
+        dead = [w for w, (exp, _) in self._workers.items() if exp <= now]
+        items = []
+        for worker_id in dead:
+            del self._workers[worker_id]
+            items += [WorkItem.FromString(b) for b in self._pending.pop(worker_id, {}).values()]
+            self._assign.pop(worker_id, None)
+            self._control.pop(worker_id, None)
+        return items
+
+    async def recover(self, scheduler_id: str) -> list[WorkItem]:
+        return []          # nothing outlives the process
+
+    async def epoch(self) -> str:
+        return "memory"
 
     async def heartbeat(self, feedback: WorkerFeedback, ttl_s: float) -> None:
         self._workers[feedback.worker_id] = (time.monotonic() + ttl_s, feedback.SerializeToString())

@@ -8,6 +8,9 @@ Life of a request in the queue:
   scheduler  read_deltas(sched)      -> relays them to clients
   worker     ack(worker, ids)        -> finished on the worker
   scheduler  finish(id)              -> forgotten
+  scheduler  reclaim_dead()          -> items of workers whose heartbeat expired (re-queued)
+Values are checked on the way out (wire/codec.py): garbage is quarantined and skipped.
+Errors: QueueUnavailable (cannot reach the backend: retry with backoff), QueueError.
 Values are protobuf messages (dynabatch.v1.worker_pb2), stored as bytes, never pickle.
 """
 from __future__ import annotations
@@ -18,7 +21,11 @@ from dynabatch.v1.worker_pb2 import TokenDeltaBatch, WorkerControl, WorkerFeedba
 
 
 class QueueError(Exception):
-    """The queue backend cannot be reached or answered garbage."""
+    """The queue backend failed an operation."""
+
+
+class QueueUnavailable(QueueError):
+    """The queue backend cannot be reached right now; retry with backoff."""
 
 
 class Queue(Protocol):
@@ -51,6 +58,16 @@ class Queue(Protocol):
 
     async def finish(self, request_id: str) -> None:
         """Forget a request that has ended."""
+
+    async def reclaim_dead(self) -> list[WorkItem]:
+        """Take what workers whose heartbeat expired still held (assigned, unfinished); each dead
+        worker is reclaimed by exactly one caller."""
+
+    async def recover(self, scheduler_id: str) -> list[WorkItem]:
+        """Requests of this scheduler still in the queue (waiting or assigned): after a restart."""
+
+    async def epoch(self) -> str:
+        """A token that changes only when the backend lost its data (Redis restarted empty)."""
 
     # -- worker side
     async def heartbeat(self, feedback: WorkerFeedback, ttl_s: float) -> None:

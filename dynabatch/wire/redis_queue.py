@@ -4,46 +4,74 @@ Keys (prefix configurable, default "dynabatch:"):
   req:{id}        hash   item (WorkItem bytes), state (waiting|assigned|cancelled), worker
   waiting         zset   waiting request ids, scored by arrival time (ns)
   assign:{worker} stream assignments; consumer group "workers" gives at-least-once delivery:
-                         an entry stays pending until the worker acks it (finished)
+                         an entry stays until the worker acks it (finished); when the worker's
+                         heartbeat expires a scheduler reclaims what is left (redis_scripts.RECLAIM)
   ctl:{worker}    list   WorkerControl bytes (cancellations)
   out:{scheduler} stream TokenDeltaBatch bytes for the requests that scheduler relays
   worker:{id}     string WorkerFeedback bytes, expires with the heartbeat TTL
   workers         zset   worker ids scored by heartbeat expiry (ms)
+  epoch           string a random token per dataset: when it changes, Redis lost its data
+  quarantine      list   JSON records of values that did not decode (newest first, bounded)
 One waiting set instead of one per bin: bins are the policy's (re-estimated) view of a request,
 not a property that should be frozen into a key at submit time.
+
+Connection errors surface as QueueUnavailable; callers retry with backoff.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import time
+import uuid
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dynabatch.v1.worker_pb2 import TokenDeltaBatch, WorkerControl, WorkerFeedback, WorkItem
+from dynabatch.wire import redis_scripts
+from dynabatch.wire.codec import QUARANTINE_KEEP, Garbage, decode, quarantine_record
+from dynabatch.wire.queue import QueueError, QueueUnavailable
 
+log = logging.getLogger("dynabatch.queue")
 GROUP = "workers"
 OUT_MAXLEN = 100_000
 
-# Move waiting items to a worker's stream, each only if it is still waiting (atomic per call).
-_ASSIGN = """
-local moved = {}
-for i = 3, #ARGV, 2 do
-  local id = ARGV[i]
-  if redis.call('ZREM', KEYS[1], id) == 1 then
-    redis.call('HSET', ARGV[1] .. id, 'item', ARGV[i + 1], 'state', 'assigned', 'worker', ARGV[2])
-    redis.call('XADD', KEYS[2], '*', 'id', id, 'item', ARGV[i + 1])
-    moved[#moved + 1] = id
-  end
-end
-return moved
-"""
+
+def _guarded(method):
+    """Map redis-py errors to the queue's: QueueUnavailable (retry later) or QueueError."""
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            raise QueueUnavailable(f"redis unreachable: {type(e).__name__}") from e
+        except RedisError as e:
+            raise QueueError(f"redis error: {e}") from e
+    return wrapper
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for logs)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}" if ":" in creds else f"{scheme}{sep}***@{host}"
 
 
 class RedisQueue:
     def __init__(self, url: str, prefix: str = "dynabatch:") -> None:
-        self.redis = aioredis.from_url(url, decode_responses=False)
+        # AUTH (redis://user:pass@...) and TLS (rediss://, ?ssl_ca_certs=...) come with the URL.
+        self.redis = aioredis.from_url(url, decode_responses=False, socket_connect_timeout=2,
+                                       socket_timeout=10, health_check_interval=5)
+        self.url = redact(url)
         self.p = prefix
-        self._assign_script = self.redis.register_script(_ASSIGN)
+        self._assign_script = self.redis.register_script(redis_scripts.ASSIGN)
+        self._reclaim_script = self.redis.register_script(redis_scripts.RECLAIM)
+        self._epoch_script = self.redis.register_script(redis_scripts.EPOCH)
         self._items: dict[str, WorkItem] = {}       # parsed waiting items, by id
         self._out_last: dict[str, bytes] = {}       # scheduler -> last stream id read
         self._groups: set[str] = set()              # workers whose consumer group exists
@@ -52,39 +80,74 @@ class RedisQueue:
     def _k(self, *parts: str) -> str:
         return self.p + ":".join(parts)
 
+    async def quarantine(self, kind: str, key: str, raw: object, why: str) -> None:
+        """Keep a bad value for inspection (bounded list) and log it; never raises."""
+        log.warning("quarantined a bad %s from %s: %s", kind, key, why)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.lpush(self._k("quarantine"), quarantine_record(kind, key, raw, why))
+                pipe.ltrim(self._k("quarantine"), 0, QUARANTINE_KEEP - 1)
+                await pipe.execute()
+        except RedisError as e:
+            log.warning("could not quarantine (%s)", type(e).__name__)
+
     # -- scheduler side
+    @_guarded
     async def submit(self, item: WorkItem) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._k("req", item.request_id),
-                      mapping={"item": item.SerializeToString(), "state": "waiting"})
-            pipe.zadd(self._k("waiting"), {item.request_id: item.arrival_unix_ns})
+            self._put_waiting(pipe, item)
             await pipe.execute()
 
+    def _put_waiting(self, pipe, item: WorkItem) -> None:
+        pipe.hset(self._k("req", item.request_id),
+                  mapping={"item": item.SerializeToString(), "state": "waiting"})
+        pipe.zadd(self._k("waiting"), {item.request_id: item.arrival_unix_ns})
+
+    @_guarded
     async def waiting(self) -> list[WorkItem]:
-        ids = [i.decode() for i in await self.redis.zrange(self._k("waiting"), 0, -1)]
-        missing = [i for i in ids if i not in self._items]
+        raw_ids = await self.redis.zrange(self._k("waiting"), 0, -1)
+        ids = [i.decode(errors="replace") for i in raw_ids]
+        missing = [(i, r) for i, r in zip(ids, raw_ids) if i not in self._items]
         if missing:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for rid in missing:
-                    pipe.hget(self._k("req", rid), "item")
-                for rid, raw in zip(missing, await pipe.execute()):
-                    if raw is not None:
-                        self._items[rid] = WorkItem.FromString(raw)
+                for _rid, raw_id in missing:
+                    pipe.hget(self._k("req", "").encode() + raw_id, "item")
+                raws = await pipe.execute()
+            for (rid, raw_id), raw in zip(missing, raws):
+                await self._load_waiting(rid, raw_id, raw)
         self._items = {i: self._items[i] for i in ids if i in self._items}
         return list(self._items.values())
 
+    async def _load_waiting(self, rid: str, raw_id: bytes, raw: bytes | None) -> None:
+        try:
+            if raw is None:     # ended meanwhile (its id leaves the set first), or an orphan
+                if await self.redis.zscore(self._k("waiting"), raw_id) is None:
+                    return
+                raise Garbage("waiting id without a req hash")
+            item = decode(WorkItem, raw)
+            if item.request_id != rid:
+                raise Garbage(f"req hash of {rid!r} holds the item of {item.request_id!r}")
+        except Garbage as e:
+            await self.quarantine("WorkItem", self._k("req", rid), raw, str(e))
+            await self.redis.zrem(self._k("waiting"), raw_id)
+            await self.redis.delete(self._k("req", "").encode() + raw_id)
+            return
+        self._items[rid] = item
+
+    @_guarded
     async def assign(self, worker_id: str, items: list[WorkItem]) -> list[str]:
         if not items:
             return []
-        args: list = [self._k("req", ""), worker_id]
+        args: list = [self._k("req", ""), worker_id, int(time.time() * 1000)]
         for item in items:
             args += [item.request_id, item.SerializeToString()]
         moved = await self._assign_script(
-            keys=[self._k("waiting"), self._k("assign", worker_id)], args=args)
+            keys=[self._k("waiting"), self._k("assign", worker_id), self._k("workers")], args=args)
         for rid in moved:
             self._items.pop(rid.decode(), None)
         return [m.decode() for m in moved]
 
+    @_guarded
     async def remove_waiting(self, request_id: str) -> bool:
         self._items.pop(request_id, None)
         removed = await self.redis.zrem(self._k("waiting"), request_id)
@@ -92,14 +155,14 @@ class RedisQueue:
             await self.redis.hset(self._k("req", request_id), "state", "cancelled")
         return bool(removed)
 
+    @_guarded
     async def requeue(self, item: WorkItem) -> None:
         self._items.pop(item.request_id, None)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._k("req", item.request_id),
-                      mapping={"item": item.SerializeToString(), "state": "waiting"})
-            pipe.zadd(self._k("waiting"), {item.request_id: item.arrival_unix_ns})
+            self._put_waiting(pipe, item)
             await pipe.execute()
 
+    @_guarded
     async def read_deltas(self, scheduler_id: str, timeout_s: float) -> list[TokenDeltaBatch]:
         key = self._k("out", scheduler_id)
         last = self._out_last.get(scheduler_id, b"0-0")
@@ -109,27 +172,87 @@ class RedisQueue:
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 self._out_last[scheduler_id] = entry_id
-                batches.append(TokenDeltaBatch.FromString(fields[b"d"]))
+                try:
+                    batches.append(decode(TokenDeltaBatch, fields.get(b"d")))
+                except Garbage as e:
+                    await self.quarantine("TokenDeltaBatch", key, fields, str(e))
+                    await self.redis.xdel(key, entry_id)
         return batches
 
+    @_guarded
     async def send_control(self, worker_id: str, control: WorkerControl) -> None:
         await self.redis.rpush(self._k("ctl", worker_id), control.SerializeToString())
 
+    @_guarded
     async def workers(self) -> list[WorkerFeedback]:
         now_ms = int(time.time() * 1000)
-        key = self._k("workers")
-        await self.redis.zremrangebyscore(key, "-inf", now_ms)
-        ids = [i.decode() for i in await self.redis.zrange(key, 0, -1)]
+        ids = [i.decode(errors="replace")
+               for i in await self.redis.zrangebyscore(self._k("workers"), now_ms, "+inf")]
         if not ids:
             return []
         raws = await self.redis.mget([self._k("worker", i) for i in ids])
-        return [WorkerFeedback.FromString(r) for r in raws if r is not None]
+        feedback = []
+        for wid, raw in zip(ids, raws):
+            if raw is None:
+                continue
+            try:
+                feedback.append(decode(WorkerFeedback, raw))
+            except Garbage as e:
+                await self.quarantine("WorkerFeedback", self._k("worker", wid), raw, str(e))
+                await self.redis.delete(self._k("worker", wid))
+        return feedback
 
+    @_guarded
     async def finish(self, request_id: str) -> None:
         self._items.pop(request_id, None)
         await self.redis.delete(self._k("req", request_id))
 
+    @_guarded
+    async def reclaim_dead(self) -> list[WorkItem]:
+        flat = await self._reclaim_script(keys=[self._k("workers")],
+                                          args=[self.p, int(time.time() * 1000)])
+        items = []
+        for worker, raw in zip(flat[::2], flat[1::2]):
+            key = self._k("assign", worker.decode(errors="replace"))
+            try:
+                items.append(decode(WorkItem, raw))
+            except Garbage as e:
+                await self.quarantine("WorkItem", key, raw, str(e))
+        return items
+
+    @_guarded
+    async def recover(self, scheduler_id: str) -> list[WorkItem]:
+        keys = [k async for k in self.redis.scan_iter(match=self._k("req", "*"), count=1000)]
+        items = []
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start:start + 1000]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    pipe.hmget(key, "item", "state")
+                rows = await pipe.execute()
+            for key, (raw, state) in zip(chunk, rows):
+                item = await self._recovered(key, raw, state)
+                if item is not None and item.scheduler_id == scheduler_id:
+                    items.append(item)
+        return items
+
+    async def _recovered(self, key: bytes, raw, state) -> WorkItem | None:
+        if raw is None or state == b"cancelled":
+            return None
+        try:
+            return decode(WorkItem, raw)
+        except Garbage as e:
+            await self.quarantine("WorkItem", key.decode(errors="replace"), raw, str(e))
+            await self.redis.delete(key)
+            return None
+
+    @_guarded
+    async def epoch(self) -> str:
+        value = await self._epoch_script(keys=[self._k("epoch")], args=[uuid.uuid4().hex])
+        return value.decode(errors="replace")
+
     # -- worker side
+    @_guarded
     async def heartbeat(self, feedback: WorkerFeedback, ttl_s: float) -> None:
         ttl_ms = max(1, int(ttl_s * 1000))
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -137,33 +260,64 @@ class RedisQueue:
             pipe.zadd(self._k("workers"), {feedback.worker_id: int(time.time() * 1000) + ttl_ms})
             await pipe.execute()
 
-    async def _ensure_group(self, worker_id: str) -> None:
+    async def _ensure_group(self, worker_id: str) -> bool:
+        """Create the consumer group if needed; True when it was (re)created just now."""
         if worker_id in self._groups:
-            return
+            return False
         try:
             await self.redis.xgroup_create(self._k("assign", worker_id), GROUP, id="0", mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
         self._groups.add(worker_id)
+        return True
 
+    @_guarded
     async def pull(self, worker_id: str, max_items: int, timeout_s: float) -> list[WorkItem]:
-        await self._ensure_group(worker_id)
-        block = max(1, int(timeout_s * 1000)) if timeout_s > 0 else None
-        reply = await self.redis.xreadgroup(GROUP, worker_id, {self._k("assign", worker_id): ">"},
-                                            count=max_items, block=block)
+        # After (re)creating the group, first take back this consumer's own unacknowledged
+        # entries ("0"): a worker restarted under the same id resumes what it had.
+        since = "0" if await self._ensure_group(worker_id) else ">"
+        block = max(1, int(timeout_s * 1000)) if timeout_s > 0 and since == ">" else None
+        key = self._k("assign", worker_id)
+        try:
+            reply = await self.redis.xreadgroup(GROUP, worker_id, {key: since},
+                                                count=max_items, block=block)
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            self._groups.discard(worker_id)      # the stream was reclaimed or Redis restarted
+            return []
         items = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                item = WorkItem.FromString(fields[b"item"])
-                self._entries[item.request_id] = entry_id
-                items.append(item)
+                item = await self._assigned(key, entry_id, fields)
+                if item is not None:
+                    items.append(item)
         return items
 
-    async def read_control(self, worker_id: str) -> list[WorkerControl]:
-        raws = await self.redis.lpop(self._k("ctl", worker_id), 1000)
-        return [WorkerControl.FromString(r) for r in raws or []]
+    async def _assigned(self, key: str, entry_id: bytes, fields: dict) -> WorkItem | None:
+        try:
+            item = decode(WorkItem, fields.get(b"item"))
+        except Garbage as e:
+            await self.quarantine("WorkItem", key, fields, str(e))
+            await self.redis.xack(key, GROUP, entry_id)
+            await self.redis.xdel(key, entry_id)
+            return None
+        self._entries[item.request_id] = entry_id
+        return item
 
+    @_guarded
+    async def read_control(self, worker_id: str) -> list[WorkerControl]:
+        key = self._k("ctl", worker_id)
+        controls = []
+        for raw in await self.redis.lpop(key, 1000) or []:
+            try:
+                controls.append(decode(WorkerControl, raw))
+            except Garbage as e:
+                await self.quarantine("WorkerControl", key, raw, str(e))
+        return controls
+
+    @_guarded
     async def publish(self, batches: dict[str, TokenDeltaBatch]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for scheduler_id, batch in batches.items():
@@ -171,6 +325,7 @@ class RedisQueue:
                           maxlen=OUT_MAXLEN, approximate=True)
             await pipe.execute()
 
+    @_guarded
     async def ack(self, worker_id: str, request_ids: list[str]) -> None:
         entries = [e for e in (self._entries.pop(r, None) for r in request_ids) if e is not None]
         if entries:

@@ -7,6 +7,7 @@ real wall-clock times of its own (trivial) steps: it never pretends to be a GPU.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -26,10 +27,13 @@ class _Seq:
 class FakeEngine:
     def __init__(self, *, vocab: int = 256, max_running: int = 256, num_kv_blocks: int = 100_000,
                  block_size: int = 16, max_model_len: int = 1 << 20, eos_token_id: int | None = None,
-                 step_delay_s: float = 0.0) -> None:
+                 step_delay_s: float = 0.0, crash_token_id: int | None = None) -> None:
         self.vocab, self.max_running, self.block_size = vocab, max_running, block_size
         self.num_kv_blocks, self.max_model_len, self.eos = num_kv_blocks, max_model_len, eos_token_id
         self.step_delay_s = step_delay_s
+        # Chaos tests: a prompt holding this token id kills the process when first stepped (a
+        # stand-in for a request that crashes any worker running it: a poison request).
+        self.crash_token_id = crash_token_id
         self.waiting: list[_Seq] = []
         self.running: dict[str, _Seq] = {}
         self._steps = 0
@@ -64,6 +68,8 @@ class FakeEngine:
             if used + need > self.num_kv_blocks:
                 break
             seq = self.waiting.pop(0)
+            if self.crash_token_id is not None and self.crash_token_id in seq.req.prompt_token_ids:
+                os._exit(70)
             self.running[seq.req.request_id] = seq
             used += need
         outputs = [self._advance(seq) for seq in list(self.running.values())]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from dynabatch.v1.scheduler_pb2 import FinishReason
 from dynabatch.v1.worker_pb2 import TokenDelta, TokenDeltaBatch, WorkerFeedback, WorkItem
-from dynabatch.wire.queue import Queue
+from dynabatch.wire.backoff import Backoff
+from dynabatch.wire.queue import Queue, QueueError
 from dynabatch.worker_svc.engine.api import Engine, Sampling, SequenceRequest, TokenOutput
 
 log = logging.getLogger("dynabatch.worker")
@@ -28,6 +29,7 @@ class WorkerConfig:
     heartbeat_ttl_s: float = 3.0    # a worker silent this long counts as dead
     idle_poll_s: float = 0.05       # how long an idle worker blocks waiting for work
     max_pull: int = 64              # assignments taken per iteration
+    backoff_max_s: float = 1.0      # longest wait between retries while the queue is down
 
 
 def to_sequence(item: WorkItem) -> SequenceRequest:
@@ -44,34 +46,59 @@ def to_sequence(item: WorkItem) -> SequenceRequest:
 class WorkerLoop:
     def __init__(self, queue: Queue, engine: Engine, config: WorkerConfig) -> None:
         self.queue, self.engine, self.cfg = queue, engine, config
-        self.owner: dict[str, str] = {}        # request id -> scheduler id that relays it
+        self.owner: dict[str, tuple[str, int]] = {}   # request id -> (relaying scheduler, attempt)
         self.accepting = True
         self.drain = True        # on stop: finish running requests (False: abort them)
-        self._last_beat = 0.0
+        self._feedback: WorkerFeedback | None = None  # refreshed between steps (engine thread-safety)
+        self._feedback_at = 0.0
+        self._unsent: list[TokenOutput] = []          # outputs whose publish failed (queue down)
+        self._epoch: str | None = None
+        self._lost = False       # the queue lost its data (Redis restarted): drop all work
+        self._backoff = Backoff(max_s=config.backoff_max_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then finish the running requests (drain)."""
         log.info("worker %s serving model %s", self.cfg.worker_id, self.cfg.model)
-        await self._heartbeat(force=True)
-        while not stop.is_set() or self.engine.has_work():
-            self.accepting = not stop.is_set()
-            if not self.accepting and not self.drain:
-                for rid in list(self.owner):
-                    self.engine.abort(rid)
-                self.owner.clear()
-            await self._iteration()
-        self.accepting = False
-        await self._heartbeat(force=True)
+        self._refresh_feedback(force=True)
+        beats_done = asyncio.Event()
+        beats = asyncio.create_task(self._heartbeats(beats_done), name="heartbeats")
+        try:
+            while not stop.is_set() or self.engine.has_work():
+                self.accepting = not stop.is_set()
+                if not self.accepting and not self.drain:
+                    self._abort_all()
+                try:
+                    await self._iteration()
+                    self._backoff.ok(self.cfg.worker_id)
+                except QueueError as e:
+                    await self._backoff.wait(e, self.cfg.worker_id)
+        finally:
+            self.accepting = False
+            self._refresh_feedback(force=True)
+            beats_done.set()
+            await beats
         log.info("worker %s stopped", self.cfg.worker_id)
 
+    def _abort_all(self) -> None:
+        for rid in list(self.owner):
+            self.engine.abort(rid)
+        self.owner.clear()
+        self._unsent.clear()
+
     async def _iteration(self) -> None:
+        if self._lost:
+            log.warning("worker %s: the queue lost its data; dropping %d requests",
+                        self.cfg.worker_id, len(self.owner))
+            self._abort_all()
+            self._lost = False
+        if self._unsent:
+            await self._publish([])
         busy = self.engine.has_work()
         if self.accepting:
             items = await self.queue.pull(self.cfg.worker_id, self.cfg.max_pull,
                                           0 if busy else self.cfg.idle_poll_s)
             for item in items:
-                self.owner[item.request_id] = item.scheduler_id
-                self.engine.add(to_sequence(item))
+                await self._admit(item)
         for control in await self.queue.read_control(self.cfg.worker_id):
             for rid in control.cancel_request_ids:
                 if self.engine.abort(rid):
@@ -79,36 +106,86 @@ class WorkerLoop:
         if self.engine.has_work():
             outputs = await asyncio.to_thread(self.engine.step)
             await self._publish(outputs)
-        await self._heartbeat()
+        self._refresh_feedback()
 
-    async def _publish(self, outputs: list[TokenOutput]) -> None:
+    async def _admit(self, item: WorkItem) -> None:
+        """Hand an assignment to the engine; one it cannot take fails alone (never the worker)."""
+        self.owner[item.request_id] = (item.scheduler_id, item.attempt)
+        try:
+            if item.model != self.cfg.model:
+                raise ValueError(f"model {item.model!r} is not served here ({self.cfg.model!r})")
+            self.engine.add(to_sequence(item))
+        except Exception as e:   # a bad item must not take the worker down
+            log.error("worker %s rejected %s: %s", self.cfg.worker_id, item.request_id, e)
+            await self._publish([], errors={item.request_id: str(e)})
+
+    async def _publish(self, outputs: list[TokenOutput], errors: dict[str, str] | None = None) -> None:
+        """Send one step's deltas (one write per scheduler); kept for a retry if the queue is down."""
+        outputs = self._unsent + outputs
         batches: dict[str, TokenDeltaBatch] = defaultdict(TokenDeltaBatch)
         done = []
         for out in outputs:
-            sched = self.owner.get(out.request_id)
-            if sched is None:
-                continue
-            delta = TokenDelta(request_id=out.request_id, token_ids=out.token_ids, offset=out.offset,
-                               worker_id=self.cfg.worker_id)
-            if out.finish_reason:
-                delta.finish_reason = _FINISH[out.finish_reason]
+            delta = self._delta(out.request_id, out.token_ids, out.offset, out.finish_reason, batches)
+            if delta is not None and out.finish_reason:
                 done.append(out.request_id)
-                del self.owner[out.request_id]
-            batches[sched].deltas.append(delta)
+        for rid, why in (errors or {}).items():
+            delta = self._delta(rid, [], 0, None, batches)
+            if delta is not None:
+                delta.finish_reason, delta.error = FinishReason.FINISH_REASON_ERROR, why
+                done.append(rid)
         now = time.time_ns()
         for batch in batches.values():
             batch.step_end_unix_ns = now
+        self._unsent = outputs
         if batches:
             await self.queue.publish(dict(batches))
+        self._unsent = []
+        for rid in done:
+            self.owner.pop(rid, None)
         if done:
             await self.queue.ack(self.cfg.worker_id, done)
 
-    async def _heartbeat(self, force: bool = False) -> None:
+    def _delta(self, rid: str, token_ids: list[int], offset: int, finish: str | None,
+               batches: dict[str, TokenDeltaBatch]) -> TokenDelta | None:
+        owner = self.owner.get(rid)
+        if owner is None:
+            return None
+        delta = batches[owner[0]].deltas.add(request_id=rid, token_ids=token_ids, offset=offset,
+                                            worker_id=self.cfg.worker_id, attempt=owner[1])
+        if finish:
+            delta.finish_reason = _FINISH[finish]
+        return delta
+
+    def _refresh_feedback(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last_beat < self.cfg.heartbeat_s:
-            return
-        self._last_beat = now
-        await self.queue.heartbeat(self.feedback(), self.cfg.heartbeat_ttl_s)
+        if force or now - self._feedback_at >= self.cfg.heartbeat_s / 2:
+            self._feedback, self._feedback_at = self.feedback(), now
+
+    async def _heartbeats(self, done: asyncio.Event) -> None:
+        """Publish the latest feedback every heartbeat_s (also while a step runs), watch the epoch."""
+        backoff = Backoff(max_s=self.cfg.backoff_max_s)
+        while True:
+            try:
+                await self._beat()
+                backoff.ok(self.cfg.worker_id + " heartbeat")
+            except QueueError as e:
+                await backoff.wait(e, self.cfg.worker_id + " heartbeat")
+            if done.is_set():
+                return
+            try:
+                await asyncio.wait_for(done.wait(), self.cfg.heartbeat_s)
+            except TimeoutError:
+                pass
+
+    async def _beat(self) -> None:
+        fb = WorkerFeedback()
+        fb.CopyFrom(self._feedback)
+        fb.unix_ns, fb.accepting = time.time_ns(), self.accepting
+        await self.queue.heartbeat(fb, self.cfg.heartbeat_ttl_s)
+        epoch = await self.queue.epoch()
+        if self._epoch is not None and epoch != self._epoch:
+            self._lost = True
+        self._epoch = epoch
 
     def feedback(self) -> WorkerFeedback:
         s = self.engine.stats()

@@ -1,0 +1,49 @@
+"""Registering the Scheduler service so that no request bytes can make it fail with INTERNAL.
+
+The generated add_SchedulerServicer_to_server deserializes with FromString: bytes that do not
+decode (invalid UTF-8 in a string field, truncated varints) would end the call with INTERNAL
+before the servicer runs. Here the deserializer never raises: it hands the servicer a Malformed
+value, which the servicer answers with INVALID_ARGUMENT.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import message_factory
+
+from dynabatch.v1 import scheduler_pb2
+
+SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"]
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Request bytes that are not a valid message of the method's input type."""
+    why: str
+
+
+def _lenient(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except Exception as e:   # DecodeError, and anything else the parser may raise
+            return Malformed(f"request: not a valid {cls.__name__} ({type(e).__name__}: {e})")
+    return parse
+
+
+def _serialize(msg) -> bytes:
+    return msg.SerializeToString()
+
+
+def add_scheduler_service(servicer, server: grpc.aio.Server) -> None:
+    handlers = {}
+    for method in SERVICE.methods:
+        factory = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                   else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=_serialize)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))

@@ -1,0 +1,341 @@
+"""Cross-references inside the rendered manifests and between them and the code: selectors and
+labels, ports and the processes' listen flags, probes, env vars and what the code reads, config and
+secret keys, the drain timing, the security settings."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import DEPLOY, OVERLAYS, ROOT
+from manifests import (VAR_REF, by_component, component, containers, env_names, expand, find,
+                       listen_port, one, pod_labels, pod_spec, probe_ports, resolve_port, selects,
+                       workloads)
+
+DYNABATCH = {"scheduler", "worker"}          # components that run `dynabatch ...`
+# Objects an overlay references but does not create: made out of band, as deploy/README.md says.
+EXTERNAL = {"gpu": {("Secret", "dynabatch-redis")}}
+PACKAGE_SOURCE = "\n".join(p.read_text() for p in (ROOT / "dynabatch").rglob("*.py"))
+
+params = pytest.mark.parametrize("overlay", OVERLAYS)
+
+
+# --- the processes' view: env as the kubelet builds it, args parsed by the real CLI parser
+
+def container_env(objs: list[dict], container: dict, override: dict | None = None) -> dict:
+    """The container's env vars as the process sees them (secrets decoded where rendered)."""
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        if override and e["name"] in override:
+            env[e["name"]] = override[e["name"]]
+        elif "value" in e:
+            env[e["name"]] = expand(e["value"], env)
+        elif "configMapKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["configMapKeyRef"]
+            env[e["name"]] = one(objs, "ConfigMap", ref["name"])["data"][ref["key"]]
+        elif "secretKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["secretKeyRef"]
+            found = find(objs, "Secret", ref["name"])
+            env[e["name"]] = (base64.b64decode(found[0]["data"][ref["key"]]).decode() if found
+                              else "out-of-band-secret")
+        elif "fieldRef" in e["valueFrom"]:
+            env[e["name"]] = "pod-" + e["valueFrom"]["fieldRef"]["fieldPath"].replace(".", "-")
+        else:
+            raise AssertionError(f"unhandled env source {e}")
+    return env
+
+
+@contextlib.contextmanager
+def environ(env: dict):
+    saved = {k: v for k, v in os.environ.items() if k.startswith(("DYNABATCH_", "OTEL_"))}
+    for k in saved:
+        del os.environ[k]
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+
+
+def parse(objs: list[dict], container: dict, override: dict | None = None):
+    """What `dynabatch <args>` parses inside the container (the parser reads env defaults)."""
+    from dynabatch.cli import build_parser
+    env = container_env(objs, container, override)
+    args = [expand(a, env) for a in container.get("args", [])]
+    with environ(env):
+        return build_parser().parse_args(args)
+
+
+def option_strings(command: str) -> set[str]:
+    """The exact flags of `dynabatch <command>` (argparse would also accept unique prefixes)."""
+    from dynabatch.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return set(sub.choices[command]._option_string_actions)
+
+
+def dynabatch_containers(objs: list[dict]):
+    for w in workloads(objs):
+        if component(w) in DYNABATCH:
+            for c in pod_spec(w)["containers"]:
+                yield w, c
+
+
+def flag_ports(parsed) -> set[int]:
+    """Every port the process opens, from its parsed flags (--*listen, --*-port)."""
+    ports = set()
+    for name, value in vars(parsed).items():
+        if name.endswith("listen") and value:
+            ports.add(listen_port(value))
+        elif name.endswith("_port") and isinstance(value, int) and value > 0:
+            ports.add(value)
+    return ports
+
+
+# --- tests
+
+@params
+def test_args_parse_with_the_real_cli(rendered, overlay):
+    objs = rendered(overlay)
+    for w, c in dynabatch_containers(objs):
+        parsed = parse(objs, c)          # argparse exits on an unknown flag or a bad value
+        assert parsed.command == component(w)
+        flags = {a.split("=", 1)[0] for a in c["args"] if a.startswith("--")}
+        assert flags <= option_strings(parsed.command), f"{component(w)}: abbreviated or unknown"
+        assert parsed.redis_url and parsed.redis_url.startswith("redis://")
+
+
+@params
+def test_policy_settings_are_valid(rendered, overlay):
+    """The ConfigMap's policy name and options build a PolicyConfig (the scheduler would exit)."""
+    from dynabatch.cli.options import policy_config
+    from dynabatch.scheduler_svc.policy import POLICY_NAMES
+    objs = rendered(overlay)
+    parsed = parse(objs, pod_spec(by_component(objs, "scheduler"))["containers"][0])
+    assert parsed.policy in POLICY_NAMES
+    assert parsed.policy_opt, "no SLA settings reach the scheduler"
+    policy_config(parsed.policy_opt)
+
+
+@params
+def test_container_ports_are_the_listen_flags(rendered, overlay):
+    objs = rendered(overlay)
+    for w, c in dynabatch_containers(objs):
+        parsed = parse(objs, c)
+        declared = {p["containerPort"] for p in c.get("ports", [])}
+        assert declared == flag_ports(parsed), f"{component(w)}: ports vs flags"
+    sched = pod_spec(by_component(objs, "scheduler"))["containers"][0]
+    assert resolve_port(sched, "grpc") == listen_port(parse(objs, sched).listen)
+    worker = pod_spec(by_component(objs, "worker"))["containers"][0]
+    assert resolve_port(worker, "health") == listen_port(parse(objs, worker).health_listen)
+
+
+@params
+def test_probe_ports_exist(rendered, overlay):
+    for w in workloads(rendered(overlay)):
+        for c in containers(w):
+            for probe, handler, port in probe_ports(c):
+                assert resolve_port(c, port), f"{component(w)} {probe}.{handler} port {port}"
+    # gRPC probes reach the dynabatch health endpoints
+    for w, c in dynabatch_containers(rendered(overlay)):
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert "grpc" in c[probe], f"{component(w)} {probe} is not a gRPC probe"
+
+
+@params
+def test_services_select_pods_and_target_declared_ports(rendered, overlay):
+    objs = rendered(overlay)
+    for svc in find(objs, "Service"):
+        matched = [w for w in workloads(objs) if selects(svc["spec"]["selector"], pod_labels(w))]
+        assert len(matched) == 1, f"Service {svc['metadata']['name']} selects {len(matched)}"
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            assert any(resolve_port(c, target) for c in containers(matched[0])), \
+                f"Service {svc['metadata']['name']} targetPort {target}"
+
+
+@params
+def test_workload_and_pdb_selectors(rendered, overlay):
+    objs = rendered(overlay)
+    for w in workloads(objs):
+        assert selects(w["spec"]["selector"], pod_labels(w)), w["metadata"]["name"]
+    for pdb in find(objs, "PodDisruptionBudget"):
+        matched = [w for w in workloads(objs) if selects(pdb["spec"]["selector"], pod_labels(w))]
+        assert len(matched) == 1, pdb["metadata"]["name"]
+        assert component(matched[0]) in DYNABATCH
+
+
+@params
+def test_urls_in_env_point_at_services(rendered, overlay):
+    """DYNABATCH_REDIS_URL (and any OTLP endpoint) name a Service of this stack and its port."""
+    objs = rendered(overlay)
+    services = {s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]}
+                for s in find(objs, "Service")}
+    for w, c in dynabatch_containers(objs):
+        env = container_env(objs, c)
+        urls = [env["DYNABATCH_REDIS_URL"]] + [v for k, v in env.items()
+                                              if k.startswith("OTEL_EXPORTER_OTLP") and "ENDPOINT" in k]
+        for url in urls:
+            parts = urlsplit(url)
+            assert parts.port in services.get(parts.hostname, ()), f"{component(w)}: {url}"
+
+
+@params
+def test_env_vars_are_read_by_the_code(rendered, overlay):
+    """Each DYNABATCH_* var changes what the process parses (or the code reads it elsewhere);
+    OTEL_* vars are the OpenTelemetry SDK's; other vars only feed $(VAR) expansions."""
+    objs = rendered(overlay)
+    for w, c in dynabatch_containers(objs):
+        names = env_names(c)
+        referenced = {m for e in c.get("env", []) if "value" in e for m in VAR_REF.findall(e["value"])}
+        referenced |= {m for a in c.get("args", []) for m in VAR_REF.findall(a)}
+        base = vars(parse(objs, c))
+        for name in names:
+            where = f"{component(w)} env {name}"
+            if name.startswith("DYNABATCH_"):
+                try:
+                    changed = vars(parse(objs, c, {name: "sentinel-value"})) != base
+                except SystemExit:     # the parser rejected the value: so it reads it
+                    changed = True
+                if not changed:
+                    assert name in PACKAGE_SOURCE, f"{where}: no code reads it"
+            elif name.startswith("OTEL_"):
+                from opentelemetry.sdk import environment_variables as otel_env
+                assert name in vars(otel_env), f"{where}: not an OpenTelemetry SDK variable"
+                assert "opentelemetry" in PACKAGE_SOURCE, f"{where}: dynabatch does not use OTel"
+            else:
+                assert name in referenced, f"{where}: neither read by the code nor referenced"
+
+
+@params
+def test_var_references_are_defined_before_use(rendered, overlay):
+    """The kubelet leaves an unknown $(VAR) as literal text: a silent misconfiguration."""
+    for w in workloads(rendered(overlay)):
+        for c in containers(w):
+            defined: set[str] = set()
+            for e in c.get("env", []):
+                for ref in VAR_REF.findall(e.get("value", "")):
+                    assert ref in defined, f"{component(w)} env {e['name']}: $({ref})"
+                defined.add(e["name"])
+            for a in c.get("command", []) + c.get("args", []):
+                for ref in VAR_REF.findall(a):
+                    assert ref in defined, f"{component(w)} args: $({ref})"
+
+
+@params
+def test_config_secret_and_volume_references_exist(rendered, overlay):
+    objs = rendered(overlay)
+    external = EXTERNAL.get(overlay, set())
+    for w in workloads(objs):
+        for c in containers(w):
+            for e in c.get("env", []):
+                for kind, ref_key in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                    ref = e.get("valueFrom", {}).get(ref_key)
+                    if not ref:
+                        continue
+                    found = find(objs, kind, ref["name"])
+                    if not found:
+                        assert (kind, ref["name"]) in external, f"{kind}/{ref['name']} missing"
+                        continue
+                    assert ref["key"] in found[0]["data"], f"{kind}/{ref['name']} lacks {ref['key']}"
+            volumes = {v["name"] for v in pod_spec(w).get("volumes", [])}
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volumes, f"{component(w)} mounts unknown volume {m['name']}"
+        for v in pod_spec(w).get("volumes", []):
+            if "persistentVolumeClaim" in v:
+                one(objs, "PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"])
+    readme = (DEPLOY / "README.md").read_text()
+    for kind, name in external:
+        assert f"create secret generic {name}" in readme, f"README must say how to make {name}"
+
+
+@params
+def test_only_dynabatch_pods_reach_redis(rendered, overlay):
+    objs = rendered(overlay)
+    policies = [p for p in find(objs, "NetworkPolicy")
+                if selects(p["spec"]["podSelector"], pod_labels(by_component(objs, "redis")))]
+    assert len(policies) == 1
+    policy = policies[0]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    allowed = set()
+    for rule in policy["spec"]["ingress"]:
+        redis = pod_spec(by_component(objs, "redis"))["containers"][0]
+        for port in rule["ports"]:
+            assert resolve_port(redis, port["port"]) == 6379
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, "only same-namespace pod selectors"
+            allowed |= {component(w) for w in workloads(objs)
+                        if selects(peer["podSelector"], pod_labels(w))}
+    assert allowed == DYNABATCH
+
+
+@params
+def test_termination_grace_covers_the_scheduler_drain(rendered, overlay):
+    objs = rendered(overlay)
+    sched = by_component(objs, "scheduler")
+    c = pod_spec(sched)["containers"][0]
+    drain = parse(objs, c).drain_grace_s
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = pod_spec(sched)["terminationGracePeriodSeconds"]
+    assert grace >= pre_stop + drain + 1, "SIGKILL would cut the drain short"
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > drain, \
+        "liveness could restart a draining scheduler"
+
+
+@params
+def test_security_and_resources(rendered, overlay):
+    for w in workloads(rendered(overlay)):
+        pod = pod_spec(w)
+        assert pod.get("automountServiceAccountToken") is False, component(w)
+        assert pod["securityContext"]["runAsNonRoot"] is True, component(w)
+        assert pod["securityContext"]["runAsUser"] > 0
+        for c in containers(w):
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{component(w)} {kind}"
+            if c["securityContext"]["readOnlyRootFilesystem"]:
+                mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+                if component(w) in DYNABATCH:
+                    assert {"/tmp", "/cache"} <= mounts
+
+
+def test_dev_overlay_is_cpu_tiny_single_replica(rendered):
+    objs = rendered("dev")
+    for w in workloads(objs):
+        assert w["spec"].get("replicas") == 1, component(w)
+        assert "nvidia.com/gpu" not in str(w), f"{component(w)} asks for a GPU"
+    worker = pod_spec(by_component(objs, "worker"))["containers"][0]
+    parsed = parse(objs, worker)
+    assert (parsed.device, parsed.engine, parsed.model) == ("cpu", "torch", "tiny-random-llama")
+    sched = pod_spec(by_component(objs, "scheduler"))["containers"][0]
+    assert parse(objs, sched).model == ["tiny-random-llama"]
+
+
+def test_gpu_overlay_is_production_shaped(rendered):
+    objs = rendered("gpu")
+    sched = by_component(objs, "scheduler")
+    assert sched["spec"]["replicas"] >= 2
+    worker = by_component(objs, "worker")
+    c = pod_spec(worker)["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert parse(objs, c).device == "cuda"
+    # the model path is on a mounted volume in every process that opens it
+    for w in (sched, worker):
+        cont = pod_spec(w)["containers"][0]
+        parsed = parse(objs, cont)
+        models = parsed.model if isinstance(parsed.model, list) else [parsed.model]
+        mounts = [m["mountPath"] for m in cont["volumeMounts"]]
+        for m in models:
+            assert any(Path(m).is_relative_to(p) for p in mounts), f"{component(w)}: {m}"
+    # dynabatch images come pinned from a registry
+    for w, cont in dynabatch_containers(objs):
+        name, _, tag = cont["image"].rpartition(":")
+        assert "/" in name and tag and tag != "latest", cont["image"]
