@@ -18,7 +18,7 @@ from manifests import (VAR_REF, by_component, component, containers, env_names, 
 
 DYNABATCH = {"scheduler", "worker"}          # components that run `dynabatch ...`
 # Objects an overlay references but does not create: made out of band, as deploy/README.md says.
-EXTERNAL = {"gpu": {("Secret", "dynabatch-redis")}}
+EXTERNAL = {"gpu": {("Secret", "dynabatch-redis"), ("Secret", "dynabatch-auth")}}
 PACKAGE_SOURCE = "\n".join(p.read_text() for p in (ROOT / "dynabatch").rglob("*.py"))
 
 params = pytest.mark.parametrize("overlay", OVERLAYS)
@@ -249,6 +249,8 @@ def test_config_secret_and_volume_references_exist(rendered, overlay):
         for v in pod_spec(w).get("volumes", []):
             if "persistentVolumeClaim" in v:
                 one(objs, "PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"])
+            if "secret" in v and not find(objs, "Secret", v["secret"]["secretName"]):
+                assert ("Secret", v["secret"]["secretName"]) in external, v["secret"]["secretName"]
     readme = (DEPLOY / "README.md").read_text()
     for kind, name in external:
         assert f"create secret generic {name}" in readme, f"README must say how to make {name}"
@@ -323,6 +325,12 @@ def test_gpu_overlay_is_production_shaped(rendered):
     objs = rendered("gpu")
     sched = by_component(objs, "scheduler")
     assert sched["spec"]["replicas"] >= 2
+    # the API token file is on the mounted Secret
+    sc = pod_spec(sched)["containers"][0]
+    token_file = parse(objs, sc).auth_token_file
+    secret_volumes = {v["name"] for v in pod_spec(sched)["volumes"] if "secret" in v}
+    assert any(Path(token_file).parent == Path(m["mountPath"]) for m in sc["volumeMounts"]
+               if m["name"] in secret_volumes), token_file
     worker = by_component(objs, "worker")
     c = pod_spec(worker)["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
