@@ -130,18 +130,21 @@ class PagedEngine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenOutput]:
         if not seqs:
             return []
-        rows = [RowSampling(s.req.sampling, s.num_output) for s in seqs]
-        tokens = self.sampler(logits, rows).tolist()   # the step's one host sync
+        random_rows = {i: RowSampling(s.req.sampling, s.num_output)
+                       for i, s in enumerate(seqs) if s.req.sampling.temperature > 0}
+        tokens = self.sampler(logits, random_rows).tolist()   # the step's one host sync
         outputs = []
+        max_len = self.max_model_len
         for seq, tok in zip(seqs, tokens):
-            offset = seq.num_output
-            seq.tokens.append(tok)
+            toks = seq.tokens
+            offset = len(toks) - seq.num_prompt
+            toks.append(tok)
             reason = None
             if tok in seq.stop_ids:
                 reason = "stop"
-            elif seq.num_output >= seq.req.max_tokens or len(seq.tokens) >= self.max_model_len:
+            elif offset + 1 >= seq.req.max_tokens or len(toks) >= max_len:
                 reason = "length"
             if reason is not None:
                 self.scheduler.drop(seq)
-            outputs.append(TokenOutput(seq.request_id, [tok], offset, reason))
+            outputs.append(TokenOutput(seq.req.request_id, [tok], offset, reason))
         return outputs

@@ -6,6 +6,8 @@ import torch
 from transformers import PreTrainedModel
 
 from dynabatch.worker_svc.engine.attention import PagedMetadata
+from dynabatch.worker_svc.engine.compiled import compiled_decode_forward
+from dynabatch.worker_svc.engine.decode_inputs import DecodeInputs
 from dynabatch.worker_svc.engine.graphs import DecodeGraphs
 from dynabatch.worker_svc.engine.kv_cache import KVCache
 from dynabatch.worker_svc.engine.scheduler import PrefillChunk
@@ -20,14 +22,14 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         self.block_size = kv.block_size
-        # torch.compile fuses the model's elementwise work (norms, rotary, activations) around
-        # the opaque paged-decode op; one dynamic-shape graph serves every batch size >= 2.
-        self._decode_forward = (torch.compile(self._forward, dynamic=True) if compile_decode
+        # Compiled decode: one dynamic-shape graph per layer serves every batch size >= 2.
+        self._decode_forward = (compiled_decode_forward(model) if compile_decode
                                 else self._forward)
+        self.inputs = DecodeInputs(kv, device, max_running, max_running,
+                                   -(-max_model_len // kv.block_size))
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and device.type == "cuda":
-            width = -(-max_model_len // kv.block_size)
-            self.graphs = DecodeGraphs(self._decode_forward, kv, device, max_running, width,
+            self.graphs = DecodeGraphs(self._decode_forward, self.inputs, max_running,
                                        min_batch=2 if compile_decode else 1)
 
     def capture(self) -> None:
@@ -60,24 +62,11 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each sequence (its last); returns logits [B, V]."""
-        if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
+        if self.graphs is not None:
             return self.graphs.run(seqs)
-        bs = self.block_size
-        meta = self._meta(decode=True)
-        ids = [s.tokens[-1] for s in seqs]
-        pos = [s.num_computed for s in seqs]
-        self._set_slots(meta, [s.table.slot(p, bs) for s, p in zip(seqs, pos)])
-        ctx = [p + 1 for p in pos]
-        width = max(len(s.table.blocks) for s in seqs)
-        table = np.zeros((len(seqs), width), dtype=np.int32)
-        for i, s in enumerate(seqs):
-            table[i, : len(s.table.blocks)] = s.table.blocks
-        meta.block_tables = torch.from_numpy(table).to(self.device)
-        meta.context_lens = self._tensor(ctx, torch.int32)
-        meta.query_lens = [1] * len(seqs)
-        meta.context_lens_host = ctx
-        meta.seq_blocks = [self._blocks_tensor(s, c) for s, c in zip(seqs, ctx)]
-        return self._decode_forward(self._tensor(ids), self._tensor(pos), meta, None)
+        self.inputs.stage(seqs, len(seqs))
+        ids, pos, meta = self.inputs.device_meta(len(seqs))
+        return self._decode_forward(ids, pos, meta, None)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, meta: PagedMetadata,
                  keep: torch.Tensor | None) -> torch.Tensor:

@@ -27,18 +27,18 @@ class Sampler:
         self._gen.manual_seed(seed)
         self._row_gen = torch.Generator(device=device)
 
-    def __call__(self, logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
-        """logits [B, V] -> token ids [B] (on device)."""
+    def __call__(self, logits: torch.Tensor, random_rows: dict[int, RowSampling]) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] (on device); rows not in random_rows are greedy."""
         greedy = logits.argmax(dim=-1)
-        random_rows = [i for i, r in enumerate(rows) if r.sampling.temperature > 0]
         if not random_rows:
             return greedy
-        idx = torch.tensor(random_rows, device=logits.device)
-        sub = [rows[i].sampling for i in random_rows]
-        probs = _filtered_probs(logits.index_select(0, idx).float(), sub)
+        order = sorted(random_rows)
+        idx = torch.tensor(order, device=logits.device)
+        probs = _filtered_probs(logits.index_select(0, idx).float(),
+                                [random_rows[i].sampling for i in order])
         noise = torch.empty_like(probs)
-        for j, i in enumerate(random_rows):
-            s = rows[i]
+        for j, i in enumerate(order):
+            s = random_rows[i]
             if s.sampling.seed is None:
                 noise[j].exponential_(generator=self._gen)
             else:

@@ -40,6 +40,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self._last_was_prefill = False
+        self._free_rows = list(range(max_running - 1, -1, -1))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -52,20 +53,25 @@ class Scheduler:
 
     def drop(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence and free its blocks."""
-        if seq in self.running:
+        if seq.row >= 0:
             self.running.remove(seq)
+            self._release_row(seq)
         else:
             self.waiting.remove(seq)
         seq.table.release(self.alloc)
+
+    def _release_row(self, seq: Sequence) -> None:
+        self._free_rows.append(seq.row)
+        seq.row, seq.synced = -1, 0
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[PrefillChunk] | list[Sequence]:
         """Prefill chunks, or sequences to decode, or [] when nothing can run."""
-        decodable = any(not s.needs_prefill for s in self.running)
-        prefill_work = any(s.needs_prefill for s in self.running) or (
-            self.waiting and len(self.running) < self.max_running)
+        prefilling = sum(1 for s in self.running if len(s.tokens) - s.num_computed > 1)
+        decodable = prefilling < len(self.running)
+        prefill_work = prefilling > 0 or (self.waiting and len(self.running) < self.max_running)
         if prefill_work and (not decodable or not self._last_was_prefill):
             chunks = self._schedule_prefill()
             if chunks:
@@ -88,7 +94,9 @@ class Scheduler:
             chunk = self._fit(self.waiting[0], budget, reserve=len(self.running))
             if chunk is None:
                 break
-            self.running.append(self.waiting.pop(0))
+            seq = self.waiting.pop(0)
+            seq.row = self._free_rows.pop()
+            self.running.append(seq)
             chunks.append(chunk)
             budget -= chunk.end - chunk.start
         return chunks
@@ -107,9 +115,13 @@ class Scheduler:
 
     def _schedule_decode(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
-        for seq in sorted((s for s in self.running if not s.needs_prefill),
+        bs = self.block_size
+        for seq in sorted((s for s in self.running if len(s.tokens) - s.num_computed == 1),
                           key=Sequence.sort_key):
-            if seq not in self.running:        # preempted earlier in this loop
+            if seq.row < 0:                    # preempted earlier in this loop
+                continue
+            if seq.num_computed < len(seq.table.blocks) * bs:   # room in its last block
+                scheduled.append(seq)
                 continue
             while not seq.table.ensure(self.alloc, seq.num_computed + 1, self.block_size):
                 victim = max(self.running, key=Sequence.sort_key)
@@ -122,6 +134,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._release_row(seq)
         seq.table.release(self.alloc)
         seq.num_computed = 0
         self.waiting.append(seq)

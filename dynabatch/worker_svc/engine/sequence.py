@@ -15,7 +15,7 @@ class Sequence:
     """
 
     __slots__ = ("req", "arrival", "tokens", "num_prompt", "num_computed", "table", "stop_ids",
-                 "finished")
+                 "row", "synced")
 
     def __init__(self, req: SequenceRequest, arrival: int, eos_ids: tuple[int, ...]) -> None:
         self.req = req
@@ -28,7 +28,8 @@ class Sequence:
         if not req.ignore_eos:
             stop.update(eos_ids)
         self.stop_ids = frozenset(stop)
-        self.finished = False
+        self.row = -1      # row in the device block table while running (decode_inputs.py)
+        self.synced = 0    # how many of its blocks that row already holds
 
     @property
     def request_id(self) -> str:

@@ -1,0 +1,48 @@
+"""Decode forward with the decoder layers run through torch.compile ("regional" compilation).
+
+All layers of a Llama-family model (Llama, Qwen2/3, Mistral: embed_tokens, rotary_emb, layers,
+norm, lm_head) share one compiled layer function, so compile time is one layer's, not the whole
+model's. Inductor fuses each layer's norms, rotary embedding, activation and residual adds
+around the opaque paged-decode op. Layer indices stay symbolic (allow_unspec_int_on_nn_module),
+so the 16 or 32 layers do not each trigger a recompile. Prefill stays eager.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import PreTrainedModel
+
+from dynabatch.worker_svc.engine.attention import PagedMetadata
+
+Forward = Callable[[torch.Tensor, torch.Tensor, PagedMetadata, None], torch.Tensor]
+
+
+def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor], pos: torch.Tensor,
+               meta: PagedMetadata) -> torch.Tensor:
+    out = layer(hidden, attention_mask=None, position_embeddings=rope, position_ids=pos,
+                use_cache=False, paged_metadata=meta)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def compiled_decode_forward(model: PreTrainedModel) -> Forward:
+    base = model.base_model
+    for name in ("embed_tokens", "rotary_emb", "layers", "norm"):
+        if not hasattr(base, name):
+            raise ValueError(f"compile_decode needs a Llama-family model (no {name!r} on "
+                             f"{type(base).__name__})")
+    head = model.get_output_embeddings()
+    layer_fn = torch.compile(_run_layer, dynamic=True)
+
+    def forward(ids: torch.Tensor, pos: torch.Tensor, meta: PagedMetadata,
+                keep: None) -> torch.Tensor:
+        hidden = base.embed_tokens(ids[None])
+        position_ids = pos[None]
+        rope = base.rotary_emb(hidden, position_ids=position_ids)
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            for layer in base.layers:
+                hidden = layer_fn(layer, hidden, rope, position_ids, meta)
+        return head(base.norm(hidden))[0]
+
+    return forward
