@@ -31,8 +31,12 @@ class CapacityResult:
                 "points": self.points}
 
 
-def run_at(trace: Trace, cfg: SimConfig, rps: float) -> dict:
-    """Summary of one simulation of ``trace`` rescaled to ``rps`` mean arrivals per second."""
+def run_at(trace: Trace, cfg: SimConfig, rps: float, goal: float | None = None) -> dict:
+    """Summary of one simulation of ``trace`` rescaled to ``rps`` mean arrivals per second.
+    With ``goal``, the run stops as soon as more requests missed than the goal allows (the
+    verdict is then certain; the summary says ``stopped_early`` and its rates are partial)."""
+    if goal is not None:
+        cfg = replace(cfg, stop_after_misses=math.floor((1 - goal) * len(trace)) + 1)
     s = summarize(simulate(to_rps(trace, rps), cfg))
     s["target_rps"] = rps
     return s
@@ -44,7 +48,7 @@ def search(trace: Trace, cfg: SimConfig, goal: float = 0.99, start_rps: float = 
     points: list[dict] = []
 
     def ok(rps: float) -> bool:
-        s = run_at(trace, cfg, rps)
+        s = run_at(trace, cfg, rps, goal)
         points.append(s)
         if progress:
             progress(cfg.policy, rps, s)

@@ -72,6 +72,7 @@ def build(trace: Trace, cfg: SimConfig, policies: list[str], jobs: int = 2,
         "host": f"{platform.node()} ({platform.processor() or platform.machine()}, "
                 f"python {platform.python_version()})",
         "wall_s": None,
+        "code_commit": code_version(),
         "trace": trace.describe(), "trace_notes": trace.notes,
         "latency_model": m.to_json(), "latency_model_summary": m.describe(),
         "sla": {"ttft_s": cfg.ttft_target_s, "tpot_s": cfg.tpot_target_s, "goal": goal},
@@ -84,6 +85,20 @@ def build(trace: Trace, cfg: SimConfig, policies: list[str], jobs: int = 2,
     }
     data["wall_s"] = time.perf_counter() - t0
     return data, runs
+
+
+def code_version() -> str:
+    """The git commit of the code that ran (DYNABATCH_COMMIT when the tree has no .git)."""
+    import os
+    import subprocess
+    if os.environ.get("DYNABATCH_COMMIT"):
+        return os.environ["DYNABATCH_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _f(x: float, nd: int = 0) -> str:
@@ -109,7 +124,8 @@ def markdown(data: dict, command: str = "", notes: str = "") -> str:
     prov = lm["provenance"]
     parts = [
         "# Policy comparison (SIMULATED)", "",
-        f"Generated {data['generated']} on {data['host']} in {data['wall_s']:.0f} s. "
+        f"Generated {data['generated']} on {data['host']} in {data['wall_s']:.0f} s from code at "
+        f"commit {data.get('code_commit', 'unknown')}. "
         "Every figure is from the discrete-event simulator running the real policy code "
         "(dynabatch.scheduler_svc.policy) against a latency model; none is a GPU measurement.", "",
         f"- **Latency model:** {data['latency_model_summary']}",
@@ -138,7 +154,9 @@ def write(data: dict, runs: dict[str, RunResult], out: Path, command: str = "",
     sla = data["sla"]
     title = f"SIMULATED: {data['latency_model']['name']}, {data['reference_rps']:.2f} req/s"
     plots.latency_cdfs(runs, out / "latency_cdf.png", title, sla["ttft_s"], sla["tpot_s"])
-    curves = {p: data["sweep"][p] + data["capacity"][p]["points"] for p in data["sweep"]}
+    curves = {p: data["sweep"][p] + [s for s in data["capacity"][p]["points"]
+                                      if not s["meta"].get("stopped_early")]
+              for p in data["sweep"]}
     plots.goodput_vs_load(curves, out / "goodput_vs_load.png",
                           f"SIMULATED: {data['latency_model']['name']}")
     plots.timelines(runs, out / "timeline.png", title)

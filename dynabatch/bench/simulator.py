@@ -38,6 +38,11 @@ class SimConfig:
     max_tokens: int | None = 2048
     max_queue_s: float | None = None  # queue TTL (requests waiting longer are expired)
     tick_s: float = 0.005             # BatchingLoop tick
+    # Simulation shortcut: while nothing changes (no arrival, finish, feedback or assignment)
+    # and decisions come back empty, the tick backs off (x2 per empty tick) up to this. Only
+    # time-driven triggers (naive window, static timeout, max_wait forcing) can be this late.
+    idle_tick_max_s: float = 0.05
+    stop_after_misses: int | None = None  # end early once this many requests missed the SLA
     feedback_s: float = 0.25          # worker heartbeat / feedback period
     macro_steps: int = 16
     policy_overrides: dict = field(default_factory=dict)
@@ -72,6 +77,10 @@ class Simulation:
         self.area = 0.0          # integral of requests in system over time (Little's law)
         self.last_t = 0.0
         self.decides = 0
+        self.changed = False
+        self.stopped_early = False
+        self.misses = 0
+        self.idle_streak = 0
 
     # ------------------------------------------------------------------ views
     def _view(self, w: int, now: float) -> WorkerView:
@@ -106,11 +115,12 @@ class Simulation:
             rec = self.records[s.index]
             rec.first_token_s, rec.finish_s = s.first_token_s, now
             rec.outcome, rec.preemptions = Outcome.OK, s.preemptions
+            self.misses += not rec.met
             del self.assigned[w][s.rid]
             self._count(now, -1)
             self.policy.on_finish(s.rid, s.prompt, s.generated, now)
         if done:
-            self.dirty[w] = True
+            self.dirty[w] = self.changed = True
         if now - self.fb[w][0] >= self.cfg.feedback_s or not worker.running():
             self._feedback(w, now)
         self._push(w, worker.start(now))
@@ -126,7 +136,7 @@ class Simulation:
         step_ms, batch = worker.take_feedback()
         self.fb[w] = (now, step_ms, batch, worker.steps)
         self.fb_used[w] = worker.used
-        self.dirty[w] = False
+        self.dirty[w], self.changed = False, True
         self.views[w] = view = self._view(w, now)
         self.policy.observe(view, now)
         self.timeline.append(TimelineSample(now, worker.worker_id, batch, worker.running(),
@@ -150,12 +160,15 @@ class Simulation:
         adm = self.policy.admit(req, self._waiting_list(), self._views(now), now)
         if not adm.accepted:
             rec.outcome = Outcome.REJECTED
+            self.misses += 1
             return
+        self.changed = True
         self.waiting[req.request_id] = req
         self._wlist = None
         self._count(now, +1)
 
-    def _decide(self, now: float) -> None:
+    def _decide(self, now: float) -> bool:
+        """Run the policy once; True when it did anything (assigned or expired)."""
         self.decides += 1
         # A live worker heartbeats every feedback_s even when idle: the age never exceeds it.
         views = [replace(v, heartbeat_age_s=min(self.cfg.feedback_s, max(0.0, now - self.fb[w][0])))
@@ -164,6 +177,7 @@ class Simulation:
         for rid in d.expired:
             if self.waiting.pop(rid, None) is not None:
                 self.records[int(rid[1:])].outcome = Outcome.EXPIRED
+                self.misses += 1
                 self._count(now, -1)
                 self._wlist = None
         index = {v.worker_id: w for w, v in enumerate(self.views)}
@@ -184,6 +198,7 @@ class Simulation:
             if touched:
                 self.dirty[w] = True
                 self._push(w, self.workers[w].cut(now))
+        return bool(d.expired) or any(d.assignments.values())
 
     def run(self, progress: Callable[[int, int], None] | None = None) -> RunResult:
         reqs, n, i = self.trace.requests, len(self.trace.requests), 0
@@ -206,9 +221,15 @@ class Simulation:
                 i += 1
                 if progress is not None and i % 2000 == 0:
                     progress(i, n)
-            if self.waiting:
-                self._decide(now)
-                next_tick = now + self.cfg.tick_s
+            if self.waiting and (self.changed or now >= next_tick):
+                acted, self.changed = self._decide(now), False
+                self.idle_streak = 0 if acted else self.idle_streak + 1
+                next_tick = now + min(self.cfg.tick_s * 2 ** min(self.idle_streak, 20),
+                                      max(self.cfg.idle_tick_max_s, self.cfg.tick_s))
+            limit = self.cfg.stop_after_misses
+            if limit is not None and self.misses >= limit:
+                self.stopped_early = True
+                break
         self._count(now if now != inf else self.last_t, 0)
         return RunResult(
             records=self.records, timeline=self.timeline, label=self.cfg.policy,
@@ -216,6 +237,7 @@ class Simulation:
                   "provenance": self.cfg.model.provenance, "trace": self.trace.source,
                   "trace_notes": self.trace.notes, "workers": self.cfg.workers,
                   "requests": n, "wall_s": time.perf_counter() - wall, "decides": self.decides,
+                  "stopped_early": self.stopped_early,
                   "steps": sum(w.steps for w in self.workers),
                   "preemptions": sum(w.preemptions for w in self.workers),
                   "busy_s": sum(w.busy_ms for w in self.workers) / 1000.0,
