@@ -1,0 +1,194 @@
+"""What the sidecar costs: one workload through the engine in-process, then through the whole
+path (client SDK -> gRPC -> scheduler -> Redis -> worker -> back), on the same machine.
+
+    python -m dynabatch.bench.sidecar --model llama-3.2-1b-shape --device cuda \
+        --redis-url redis://127.0.0.1:6379/0 --out bench/results/sidecar_h200.json
+
+Two workloads, both measured by the same clock rules (metrics.RequestRecord):
+  offline   N requests at t=0 -> throughput ratio (whole path / in-process)
+  moderate  Poisson arrivals at --load x the in-process offline request rate -> TTFT/TPOT added
+The scheduler and the worker run as separate processes (`dynabatch scheduler`, `dynabatch
+worker`), as deployed; the replay client runs in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dynabatch.bench.metrics import Outcome, RequestRecord, RunResult, summarize
+from dynabatch.bench.replay import prompt_ids, replay
+from dynabatch.bench.traces import Trace, TraceRequest, poisson
+
+
+def offline_trace(n: int, prompt: int, output: int) -> Trace:
+    return Trace([TraceRequest(0.0, prompt, output) for _ in range(n)], f"offline({n}x{prompt}+{output})")
+
+
+def drive_direct(engine, trace: Trace, vocab: int, seed: int) -> RunResult:
+    """Feed the trace to the engine at its arrival times, in this thread; same record rules."""
+    from dynabatch.worker_svc.engine.api import SequenceRequest
+    rng = random.Random(seed)
+    recs = [RequestRecord(f"d{i}", r.arrival_s, r.prompt_tokens, r.output_tokens, 1e9, 1e9)
+            for i, r in enumerate(trace.requests)]
+    by_id = {r.request_id: r for r in recs}
+    produced = dict.fromkeys(by_id, 0)
+    nxt, t0 = 0, time.perf_counter()
+    while nxt < len(recs) or engine.has_work():
+        now = time.perf_counter() - t0
+        while nxt < len(recs) and recs[nxt].arrival_s <= now:
+            r = recs[nxt]
+            engine.add(SequenceRequest(r.request_id, prompt_ids(r.prompt_tokens, vocab, rng),
+                                       r.output_tokens, ignore_eos=True))
+            nxt += 1
+        if not engine.has_work():
+            time.sleep(max(0.0, recs[nxt].arrival_s - now))
+            continue
+        outs = engine.step()
+        now = time.perf_counter() - t0
+        for o in outs:
+            rec = by_id[o.request_id]
+            if o.token_ids and rec.first_token_s < 0:
+                rec.first_token_s = rec.assigned_s = now
+            produced[o.request_id] += len(o.token_ids)
+            if o.finish_reason:
+                rec.finish_s, rec.outcome = now, Outcome.OK
+                rec.output_tokens = produced[o.request_id]
+    return RunResult(recs, label="in-process", meta={"path": "engine in-process"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _wait_serving(target: str, timeout_s: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"{target} not SERVING after {timeout_s:.0f} s")
+
+
+class Processes:
+    """`dynabatch scheduler` and `dynabatch worker` as child processes, stopped on exit."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.port, self.health = _free_port(), _free_port()
+        prefix = f"dynabatch-sidecar-{os.getpid()}:"
+        base = [sys.executable, "-m", "dynabatch.cli"]
+        common = ["--redis-url", a.redis_url, "--redis-prefix", prefix, "--log-level", "WARNING"]
+        self.cmds = [
+            base + ["scheduler", *common, "--listen", f"127.0.0.1:{self.port}", "--model", a.model,
+                    "--policy", "fcfs", "--policy-opt", f"max_num_seqs={a.max_running}"],
+            base + ["worker", *common, "--model", a.model, "--device", a.device,
+                    "--max-running", str(a.max_running), "--health-listen", f"127.0.0.1:{self.health}"]]
+        self.procs: list[subprocess.Popen] = []
+
+    async def __aenter__(self) -> str:
+        self.procs = [subprocess.Popen(c) for c in self.cmds]
+        await _wait_serving(f"127.0.0.1:{self.port}", 60)
+        await _wait_serving(f"127.0.0.1:{self.health}", 600)
+        return f"127.0.0.1:{self.port}"
+
+    async def __aexit__(self, *exc) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _added(direct: dict, stack: dict) -> dict:
+    return {m: {q: round(stack[m][q] - direct[m][q], 3) for q in ("p50", "p99")}
+            for m in ("ttft_ms", "tpot_ms")}
+
+
+def run(a: argparse.Namespace) -> dict:
+    from dynabatch.worker_svc.engine import build_engine
+    offline = offline_trace(a.requests, a.prompt, a.output)
+    engine = build_engine(a.model, device=a.device, max_running=a.max_running)
+    drive_direct(engine, offline_trace(min(8, a.requests), a.prompt, 8), a.vocab, 1)  # warm-up
+    direct_off = summarize(drive_direct(engine, offline, a.vocab, a.seed))
+    rate = a.load * direct_off["throughput_rps"]
+    moderate = poisson(rate, a.requests, lambda rng: (a.prompt, a.output), seed=a.seed)
+    direct_mod = summarize(drive_direct(engine, moderate, a.vocab, a.seed))
+    del engine
+    _empty_cache()
+
+    async def through_stack() -> tuple[dict, dict]:
+        async with Processes(a) as target:
+            await replay(offline_trace(min(8, a.requests), a.prompt, 8), target)    # warm-up
+            off = summarize(await replay(offline, target, 600.0, 60.0, a.vocab, a.seed))
+            mod = summarize(await replay(moderate, target, 600.0, 60.0, a.vocab, a.seed))
+            return off, mod
+    stack_off, stack_mod = asyncio.run(through_stack())
+    return {
+        "what": "sidecar cost: engine in-process vs client->gRPC->scheduler->Redis->worker",
+        "machine": _machine(a.device), "model": a.model, "requests": a.requests,
+        "prompt": a.prompt, "output": a.output, "moderate_rps": round(rate, 3),
+        "throughput_ratio": round(stack_off["output_tok_s"] / direct_off["output_tok_s"], 4),
+        "added_at_moderate_load": _added(direct_mod, stack_mod),
+        "runs": {"direct_offline": direct_off, "stack_offline": stack_off,
+                 "direct_moderate": direct_mod, "stack_moderate": stack_mod}}
+
+
+def _empty_cache() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _machine(device: str) -> str:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if device != "cpu" and torch.cuda.is_available() else "cpu"
+    return f"{platform.node()}: {gpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-random-llama")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--output", type=int, default=256)
+    p.add_argument("--max-running", type=int, default=256)
+    p.add_argument("--load", type=float, default=0.5, help="moderate load, x offline req/s")
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the JSON here")
+    a = p.parse_args(argv)
+    res = run(a)
+    print(f"{res['machine']}\nmodel {a.model}: throughput ratio (whole path / in-process) "
+          f"{res['throughput_ratio']:.3f}; at {res['moderate_rps']} req/s added TTFT p50/p99 "
+          f"{res['added_at_moderate_load']['ttft_ms']['p50']}/{res['added_at_moderate_load']['ttft_ms']['p99']} ms, "
+          f"TPOT p50/p99 {res['added_at_moderate_load']['tpot_ms']['p50']}/{res['added_at_moderate_load']['tpot_ms']['p99']} ms")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
