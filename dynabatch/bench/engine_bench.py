@@ -223,9 +223,12 @@ def run(args: argparse.Namespace) -> int:
     secs, recs, n_tok = drive(engine, _requests(n_mixed, lens, mixed_out, rng, "mix-"))
     mixed = {"requests": n_mixed, "prompt_range": list(mixed_range), "output_len": mixed_out,
              "seconds": round(secs, 3), "tok_s": round(n_tok / secs, 1),
-             "steps": len(recs), "preemptions": engine.stats().preemptions}
+             "steps": len(recs), "preemptions": engine.stats().preemptions,
+             "prefill_s": round(sum(r.seconds for r in recs if r.kind == "prefill"), 3),
+             "decode_s": round(sum(r.seconds for r in recs if r.kind == "decode"), 3)}
     print(f"mixed: {n_mixed} requests, prompts {mixed_range}, {mixed_out} new each: "
-          f"{mixed['tok_s']:.1f} tok/s over {secs:.2f} s")
+          f"{mixed['tok_s']:.1f} tok/s over {secs:.2f} s (prefill {mixed['prefill_s']} s, "
+          f"decode {mixed['decode_s']} s, {len(recs)} steps)")
     prefill_pts = lone_prefills(engine, [n for n in (64, 128, 256, 512, 1024, 2048, 4096)
                                          if n <= min(args.prefill_budget, engine.max_model_len)
                                          and (gpu or n <= 256)], rng)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
 from dynabatch.worker_svc.engine.attention import PagedMetadata
@@ -12,6 +13,10 @@ from dynabatch.worker_svc.engine.graphs import DecodeGraphs
 from dynabatch.worker_svc.engine.kv_cache import KVCache
 from dynabatch.worker_svc.engine.scheduler import PrefillChunk
 from dynabatch.worker_svc.engine.sequence import Sequence
+
+# Prefill attends per sequence, with a new shape almost every call: cuDNN's attention builds an
+# execution plan per shape (tens of ms each), so it is left out.
+_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class ModelRunner:
@@ -55,8 +60,9 @@ class ModelRunner:
             meta.context_lens_host.append(c.end)
             meta.seq_blocks.append(self._blocks_tensor(c.seq, c.end))
         self._set_slots(meta, slots)
-        logits = self._forward(self._tensor(ids), self._tensor(pos), meta,
-                               self._tensor(keep or [len(ids) - 1]))
+        with sdpa_kernel(_PREFILL_BACKENDS):
+            logits = self._forward(self._tensor(ids), self._tensor(pos), meta,
+                                   self._tensor(keep or [len(ids) - 1]))
         return logits[: len(keep)]
 
     @torch.inference_mode()
