@@ -164,6 +164,8 @@ def test_workload_and_pdb_selectors(rendered, overlay):
     objs = rendered(overlay)
     for w in workloads(objs):
         assert selects(w["spec"]["selector"], pod_labels(w)), w["metadata"]["name"]
+        for spread in pod_spec(w).get("topologySpreadConstraints", []):
+            assert selects(spread["labelSelector"], pod_labels(w)), "spread counts other pods"
     for pdb in find(objs, "PodDisruptionBudget"):
         matched = [w for w in workloads(objs) if selects(pdb["spec"]["selector"], pod_labels(w))]
         assert len(matched) == 1, pdb["metadata"]["name"]

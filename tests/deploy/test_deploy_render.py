@@ -134,6 +134,8 @@ def test_renderer_generators_patches_images_namespace(tmp_path):
     assert [m["name"] for m in c["volumeMounts"]] == ["w", "v"]      # keyed lists: merged
     assert c["image"] == "other/img:2"
     assert c["env"][0]["valueFrom"]["configMapKeyRef"]["name"] == cm["metadata"]["name"]
+    if shutil.which("kubectl"):                                      # and kustomize agrees
+        assert sorted(kubectl_render(path), key=key) == sorted(kustomize_lite.render(path), key=key)
 
 
 def test_renderer_refuses_what_it_does_not_implement(tmp_path):
