@@ -61,7 +61,7 @@ class PolicyConfig:
     naive_window_s: float = 0.5       # window
 
     # --- length prediction and bins ---
-    predict_quantile: float = 0.9     # of recent outputs in the prompt-length bucket
+    predict_quantile: float = 0.5     # of recent outputs in the prompt-length bucket
     predict_min_samples: int = 8
     history_size: int = 512           # completions kept per bucket and for bin boundaries
     bin_refresh: int = 200            # completions between bin-boundary re-estimates

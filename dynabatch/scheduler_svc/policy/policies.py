@@ -17,7 +17,7 @@ from .memory import b_mem, blocks_per_seq
 from .predict import HistoryPredictor, LengthPredictor
 from .priority import base_key, deadline_of, fifo_key, key_at
 from .sla import SlaController
-from .slots import WorkerSlot, dominant_bin, eligible
+from .slots import WorkerSlot, clamp_bin, dominant_bin, eligible
 from .types import Admission, Decision, Waiting, WorkerView
 
 _Entry = tuple[int, int, float, float | None]  # pred, bin, base key, deadline
@@ -53,7 +53,7 @@ class BatchingPolicy:
         self._steps[worker.worker_id] = worker.steps
         if worker.decode_step_ms <= 0 or worker.decode_batch_size <= 0 or worker.steps <= 0:
             return
-        bin_ = dominant_bin(worker) or 0
+        bin_ = dominant_bin(worker, self.config.num_bins) or 0
         self.controller(worker.worker_id, bin_).update(
             worker.decode_step_ms / 1000.0, worker.decode_batch_size, self.tpot_target(worker))
 
@@ -170,7 +170,7 @@ class BatchingPolicy:
         c = self.config
         hard_cap = min(c.b_max, w.max_running) if w.max_running > 0 else c.b_max
         mean_tokens = self._mean_tokens(sample, w)
-        main_bin = dominant_bin(w) or 0
+        main_bin = dominant_bin(w, c.num_bins) or 0
         if c.controller == "fixed":
             targets = {b: self._fixed_target(w) for b in range(c.num_bins)}
         else:
@@ -206,8 +206,9 @@ class BatchingPolicy:
         k = self.config.num_bins
         total, count = list(sample[0]), list(sample[1])
         for a in w.assigned:
-            total[a.bin] += a.prompt_tokens + a.predicted_output_tokens
-            count[a.bin] += 1
+            b = clamp_bin(a.bin, k)
+            total[b] += a.prompt_tokens + a.predicted_output_tokens
+            count[b] += 1
         overall = sum(total) / max(sum(count), 1)
         return [total[b] / count[b] if count[b] else max(overall, 1.0) for b in range(k)]
 

@@ -1,8 +1,11 @@
 """Output-length prediction (pluggable): the KV reservation and the bin of a request.
 
-Default (HistoryPredictor), in order: the client's `expected_output_tokens` hint; else a high
-quantile of recent completions whose prompt fell in the same power-of-two length bucket (so a
-reservation rarely falls short); else max_tokens. Always within [1, max_tokens].
+Default (HistoryPredictor), in order: the client's `expected_output_tokens` hint; else a
+quantile (median by default) of recent completions whose prompt fell in the same power-of-two
+length bucket; else max_tokens. Always within [1, max_tokens]. The median, not a high quantile:
+a reservation covers the whole output while a running sequence holds on average half of it, so
+median reservations keep the pool about full with rare preemptions (tests/policy/sim.py: at
+20 req/s, q=0.9 waited 2x longer than q=0.5, which preempted 2 of 617).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ class HistoryPredictor:
     """Quantile of recent output lengths per prompt-length bucket; tables are refreshed every
     `refresh` completions so predictions (and the caches keyed on `version`) stay stable."""
 
-    def __init__(self, quantile: float = 0.9, min_samples: int = 8, history: int = 512,
+    def __init__(self, quantile: float = 0.5, min_samples: int = 8, history: int = 512,
                  refresh: int = 200) -> None:
         self.quantile, self.min_samples, self.refresh = quantile, min_samples, refresh
         self._history: dict[int, deque[int]] = {}

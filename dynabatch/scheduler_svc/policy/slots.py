@@ -24,11 +24,16 @@ def eligible(worker: WorkerView, cfg: PolicyConfig) -> bool:
             and worker.kv_blocks_total > 0)
 
 
-def dominant_bin(worker: WorkerView) -> int | None:
+def clamp_bin(bin_: int, num_bins: int) -> int:
+    """A bin from elsewhere (another policy, a restart) mapped into [0, num_bins)."""
+    return min(max(bin_, 0), num_bins - 1)
+
+
+def dominant_bin(worker: WorkerView, num_bins: int) -> int | None:
     """The bin most of the worker's assigned requests belong to (lowest on ties)."""
     if not worker.assigned:
         return None
-    counts = Counter(a.bin for a in worker.assigned)
+    counts = Counter(clamp_bin(a.bin, num_bins) for a in worker.assigned)
     return max(sorted(counts), key=lambda b: counts[b])
 
 
@@ -48,11 +53,11 @@ class WorkerSlot:
     taken: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        w = self.worker
+        w, k = self.worker, len(self.targets)
         self.free_blocks = w.kv_blocks_total - committed_blocks(w, self.reserve_output)
         self.running = len(w.assigned)
-        self.load = sum(1.0 / self.target(a.bin) for a in w.assigned)
-        self.dominant = dominant_bin(w)
+        self.load = sum(1.0 / self.target(clamp_bin(a.bin, k)) for a in w.assigned)
+        self.dominant = dominant_bin(w, k)
 
     def target(self, bin_: int) -> int:
         return max(1, self.targets.get(bin_, self.targets.get(0, 1)))
