@@ -1,6 +1,7 @@
 """Queries over rendered manifests, shared by the cross-reference tests."""
 from __future__ import annotations
 
+import base64
 import re
 
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
@@ -92,3 +93,26 @@ def expand(value: str, env: dict[str, str]) -> str:
 
 def listen_port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
+
+
+def container_env(objs: list[dict], container: dict, override: dict | None = None) -> dict:
+    """The container's env vars as the process sees them (secrets decoded where rendered)."""
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        if override and e["name"] in override:
+            env[e["name"]] = override[e["name"]]
+        elif "value" in e:
+            env[e["name"]] = expand(e["value"], env)
+        elif "configMapKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["configMapKeyRef"]
+            env[e["name"]] = one(objs, "ConfigMap", ref["name"])["data"][ref["key"]]
+        elif "secretKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["secretKeyRef"]
+            found = find(objs, "Secret", ref["name"])
+            env[e["name"]] = (base64.b64decode(found[0]["data"][ref["key"]]).decode() if found
+                              else "out-of-band-secret")
+        elif "fieldRef" in e["valueFrom"]:
+            env[e["name"]] = "pod-" + e["valueFrom"]["fieldRef"]["fieldPath"].replace(".", "-")
+        else:
+            raise AssertionError(f"unhandled env source {e}")
+    return env

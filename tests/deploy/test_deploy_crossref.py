@@ -3,7 +3,6 @@ labels, ports and the processes' listen flags, probes, env vars and what the cod
 secret keys, the drain timing, the security settings."""
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 from pathlib import Path
@@ -11,10 +10,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import DEPLOY, OVERLAYS, ROOT
-from manifests import (VAR_REF, by_component, component, containers, env_names, expand, find,
-                       listen_port, one, pod_labels, pod_spec, probe_ports, resolve_port, selects,
-                       workloads)
+from deploy_support import DEPLOY, OVERLAYS, ROOT
+from manifests import (VAR_REF, by_component, component, container_env, containers, env_names,
+                       expand, find, listen_port, one, pod_labels, pod_spec, probe_ports,
+                       resolve_port, selects, workloads)
 
 DYNABATCH = {"scheduler", "worker"}          # components that run `dynabatch ...`
 # Objects an overlay references but does not create: made out of band, as deploy/README.md says.
@@ -25,29 +24,6 @@ params = pytest.mark.parametrize("overlay", OVERLAYS)
 
 
 # --- the processes' view: env as the kubelet builds it, args parsed by the real CLI parser
-
-def container_env(objs: list[dict], container: dict, override: dict | None = None) -> dict:
-    """The container's env vars as the process sees them (secrets decoded where rendered)."""
-    env: dict[str, str] = {}
-    for e in container.get("env", []):
-        if override and e["name"] in override:
-            env[e["name"]] = override[e["name"]]
-        elif "value" in e:
-            env[e["name"]] = expand(e["value"], env)
-        elif "configMapKeyRef" in e["valueFrom"]:
-            ref = e["valueFrom"]["configMapKeyRef"]
-            env[e["name"]] = one(objs, "ConfigMap", ref["name"])["data"][ref["key"]]
-        elif "secretKeyRef" in e["valueFrom"]:
-            ref = e["valueFrom"]["secretKeyRef"]
-            found = find(objs, "Secret", ref["name"])
-            env[e["name"]] = (base64.b64decode(found[0]["data"][ref["key"]]).decode() if found
-                              else "out-of-band-secret")
-        elif "fieldRef" in e["valueFrom"]:
-            env[e["name"]] = "pod-" + e["valueFrom"]["fieldRef"]["fieldPath"].replace(".", "-")
-        else:
-            raise AssertionError(f"unhandled env source {e}")
-    return env
-
 
 @contextlib.contextmanager
 def environ(env: dict):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OVERLAYS, ROOT
+from deploy_support import OVERLAYS, ROOT
 from manifests import by_component, pod_spec
 
 DOCKER = ROOT / "docker"

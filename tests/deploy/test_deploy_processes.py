@@ -18,9 +18,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import ROOT
-from manifests import by_component, expand, pod_spec
-from test_deploy_crossref import container_env
+from deploy_support import ROOT
+from manifests import by_component, container_env, expand, pod_spec
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

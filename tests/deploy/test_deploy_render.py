@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import kustomize_lite
-from conftest import DEPLOY, OVERLAYS, kubectl_render
+from deploy_support import DEPLOY, OVERLAYS, kubectl_render
 
 # The oldest Kubernetes the manifests target (native gRPC probes: 1.27; preStop `sleep`: 1.30)
 # and the newest schemas kubernetes-validate bundles.
