@@ -18,13 +18,17 @@ def test_every_name_builds_and_unknown_raises():
 
 
 def test_presets_are_configurations():
-    assert make_policy("adaptive").config == make_policy("dynamic").config.__class__(
-        **{**make_policy("dynamic").config.__dict__})
+    assert make_policy("adaptive").config == make_policy("dynamic").config
     assert make_policy("latency").config.b_max < make_policy("throughput").config.b_max
     assert make_policy("multibin").config.num_bins > 1
     assert make_policy("coalescing").config.bin_key == "prompt"
-    # a preset keeps the rest of the given config
+    # a preset keeps the rest of the given config, and explicit settings win over it
     assert make_policy("dynamic", PolicyConfig(max_wait_s=3.0)).config.max_wait_s == 3.0
+    assert make_policy("latency", PolicyConfig(b_max=64)).config.b_max == 64
+    assert make_policy("fcfs", PolicyConfig(num_bins=2)).config.num_bins == 2
+    # SLA targets are the operator's
+    for name in POLICY_NAMES:
+        assert make_policy(name, PolicyConfig(tpot_target_s=0.02)).config.tpot_target_s == 0.02
 
 
 # ---- fcfs ------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class PolicyConfig:
             raise ValueError("tpot_target_s and max_wait_s must be > 0")
 
 
-# Each name overrides these fields of the config it is given.
+# Each name sets these fields, unless the config it is given sets them to non-default values.
+# SLA targets are never part of a preset: they are the operator's, whatever the policy.
 PRESETS: dict[str, dict[str, object]] = {
     # Baselines (honest comparison): seed 002's static_fifo, seed 000's naive window, vLLM FCFS.
     "static": dict(batching="static", controller="fixed", ordering="fifo", num_bins=1),
@@ -95,8 +96,8 @@ PRESETS: dict[str, dict[str, object]] = {
     "latency": dict(batching="continuous", controller="dynamic", ordering="priority", num_bins=1,
                     b_max=32, prefill_token_budget=2048, short_job_weight=2.0),
     "throughput": dict(batching="continuous", controller="dynamic", ordering="priority",
-                       num_bins=1, b_max=512, eta=0.98, tpot_target_s=0.1,
-                       prefill_token_budget=32768, short_job_weight=0.25),
+                       num_bins=1, b_max=512, eta=0.98, prefill_token_budget=32768,
+                       short_job_weight=0.25),
     "coalescing": dict(batching="continuous", controller="dynamic", ordering="priority",
                        num_bins=4, bin_key="prompt"),
     "adaptive": dict(batching="continuous", controller="dynamic", ordering="priority",
@@ -107,7 +108,12 @@ POLICY_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 
 def preset(name: str, config: PolicyConfig | None = None) -> PolicyConfig:
-    """`config` (default PolicyConfig()) with the preset `name` applied; ValueError if unknown."""
+    """`config` (default PolicyConfig()) with the preset `name` applied to the fields it leaves
+    at their defaults — explicit settings (e.g. `--policy-opt b_max=64`) win over the preset.
+    ValueError if the name is unknown."""
     if name not in PRESETS:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
-    return replace(config or PolicyConfig(), **PRESETS[name])  # type: ignore[arg-type]
+    config = config or PolicyConfig()
+    default = PolicyConfig()
+    keep = {k: v for k, v in PRESETS[name].items() if getattr(config, k) == getattr(default, k)}
+    return replace(config, **keep)  # type: ignore[arg-type]
