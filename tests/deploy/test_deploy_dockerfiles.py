@@ -3,6 +3,7 @@ matches the manifests, dependency layers before the source, dependency lists tha
 pyproject.toml, caches on the volumes Kubernetes mounts writable."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -196,3 +197,49 @@ def test_caches_live_on_writable_volumes(image, rendered):
         mounts = [m["mountPath"] for m in c["volumeMounts"] if m["name"] in empty_dirs]
         for d in cache_dirs:
             assert any(Path(d).is_relative_to(m) for m in mounts), f"{overlay} {comp}: {d}"
+
+
+SCHEDULER_WITHOUT_TORCH = r'''
+import asyncio, sys
+try:
+    import torch
+    sys.exit("torch is importable: the check is void")
+except ImportError:
+    pass
+from dynabatch.cli import build_parser
+from dynabatch.scheduler_svc.server import SchedulerConfig, SchedulerServer
+from dynabatch.wire.models import load_tokenizer
+from dynabatch.wire.queue import connect
+build_parser().parse_args(["scheduler"])
+assert load_tokenizer("tiny-random-llama").encode("hi")
+async def main():
+    server = SchedulerServer(connect(None), SchedulerConfig(listen="127.0.0.1:0"))
+    await server.start()
+    await server.stop(0)
+asyncio.run(main())
+'''
+
+
+def test_scheduler_runs_without_what_its_image_leaves_out(tmp_path):
+    """The scheduler image installs no torch and no matplotlib: the scheduler must start without
+    them. Run it on a view of site-packages with those (and torch's own dependencies) hidden."""
+    import site
+    import subprocess
+    _, stages = parse_dockerfile(DOCKER / "scheduler.Dockerfile")
+    run = next(rest for s in stages for ins, rest in s.instructions
+               if ins == "RUN" and "requirements.py" in rest)
+    assert {"torch", "matplotlib"} <= set(shlex.split(run.split("--exclude", 1)[1].split(">")[0]))
+    hidden = re.compile(r"^(torch|torchgen|functorch|triton|nvidia|matplotlib)([-_.].*)?$", re.I)
+    view = tmp_path / "site-packages"
+    view.mkdir()
+    for sp in site.getsitepackages():
+        for entry in Path(sp).iterdir() if Path(sp).is_dir() else []:
+            if not hidden.match(entry.name) and not entry.name.endswith(".pth") \
+                    and not (view / entry.name).exists():
+                (view / entry.name).symlink_to(entry)
+    # -S: no site-packages of our own, only the filtered view (and the source tree).
+    out = subprocess.run([sys.executable, "-S", "-c", SCHEDULER_WITHOUT_TORCH],
+                         env={"PYTHONPATH": f"{ROOT}{os.pathsep}{view}", "PATH": os.environ["PATH"],
+                              "HF_HOME": str(tmp_path / "hf")},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
