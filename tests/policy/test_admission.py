@@ -44,7 +44,10 @@ def test_rejects_when_predicted_wait_exceeds_ttft_target():
     a = p.admit(req("a", max_tokens=100, ttft=2.0), waiting, [MEASURED], 0.0)
     assert (a.accepted, a.reason) == (False, "deadline_unmeetable")
     assert a.retry_after_s == pytest.approx(8.5)
-    assert p.admit(req("b", max_tokens=100, deadline=20.0), waiting, [MEASURED], 0.0).accepted
+    assert p.admit(req("b", max_tokens=100, ttft=30.0, deadline=20.0), waiting, [MEASURED],
+                   0.0).accepted
+    assert not p.admit(req("c", max_tokens=100, ttft=30.0, deadline=5.0), waiting, [MEASURED],
+                       0.0).accepted
 
 
 def test_only_equal_or_higher_classes_count_ahead():
@@ -53,11 +56,18 @@ def test_only_equal_or_higher_classes_count_ahead():
     assert p.admit(req("a", max_tokens=100, ttft=2.0, prio=3), waiting, [MEASURED], 0.0).accepted
 
 
-def test_without_deadline_or_measurement_only_bounds_apply():
-    p = policy()
+def test_default_ttft_target_applies_to_requests_without_their_own():
+    waiting = [req(f"q{i}", max_tokens=100) for i in range(200)]      # ~100 s of queue
+    a = policy(ttft_target_s=2.0).admit(req("a", max_tokens=100), waiting, [MEASURED], 0.0)
+    assert (a.accepted, a.reason) == (False, "deadline_unmeetable")
+    assert policy(ttft_target_s=500.0).admit(req("a", max_tokens=100), waiting, [MEASURED],
+                                             0.0).accepted
+
+
+def test_without_measurement_only_the_bounds_apply():
     waiting = [req(f"q{i}", max_tokens=100) for i in range(200)]
-    assert p.admit(req("a", max_tokens=100), waiting, [MEASURED], 0.0).accepted
-    assert p.admit(req("b", max_tokens=100, ttft=0.1), waiting, [worker("w")], 0.0).accepted
+    assert policy().admit(req("b", max_tokens=100, ttft=0.1), waiting, [worker("w")],
+                          0.0).accepted
 
 
 def test_free_slots_shorten_the_wait():

@@ -1,5 +1,6 @@
 """Admission control (issue 3, rule 6): a bounded queue, and early rejection when the predicted
-queue wait already exceeds the request's own deadline (queue deadline or TTFT target).
+queue wait already exceeds the request's deadline (queue deadline, or TTFT target: its own or
+the configured default).
 
 The wait estimate is Little's law on the workers' measured service rate: every worker turns its
 b_target slots over once per (mean output length × decode step time), so requests leave the
@@ -48,7 +49,7 @@ def admit(req: Waiting, predicted_output: int, waiting: Sequence[Waiting],
             or queued_tokens + req.prompt_tokens + req.max_tokens > cfg.max_queue_tokens):
         excess = max(1, len(waiting) + 1 - cfg.max_queue_requests)
         return Admission(False, "queue_full", drain_time(excess))
-    deadline = deadline_of(req)
+    deadline = deadline_of(req, cfg.ttft_target_s)
     if deadline is None or rate <= 0:
         return Admission(True)
     cls = req.priority or 2

@@ -16,9 +16,12 @@ from .config import PolicyConfig
 from .types import Waiting
 
 
-def deadline_of(req: Waiting) -> float | None:
-    """The earlier of the queue deadline and the request's own TTFT target (absolute)."""
-    ttft = req.arrival_s + req.ttft_target_s if req.ttft_target_s > 0 else None
+def deadline_of(req: Waiting, default_ttft_s: float = 0.0) -> float | None:
+    """The earlier of the queue deadline and the request's TTFT target (its own, else
+    `default_ttft_s` if > 0), absolute. Ordering passes no default: requests without their own
+    target would all get the same pressure curve, which mostly restates their waiting time."""
+    ttft_s = req.ttft_target_s if req.ttft_target_s > 0 else default_ttft_s
+    ttft = req.arrival_s + ttft_s if ttft_s > 0 else None
     if req.queue_deadline_s is None:
         return ttft
     return req.queue_deadline_s if ttft is None else min(ttft, req.queue_deadline_s)
