@@ -157,6 +157,10 @@ class Ledger:
     completed: int = 0
     failed: Counter = field(default_factory=Counter)
     tokens: dict[str, list[int]] = field(default_factory=dict)
+    progress: dict[str, int] = field(default_factory=dict)     # tokens received so far
+
+    def flowing(self, n: int, tokens: int = 3) -> bool:
+        return sum(v >= tokens for v in self.progress.values()) >= n
 
     def check(self) -> None:
         assert self.submitted == self.completed + sum(self.failed.values()), self
@@ -171,6 +175,7 @@ class Ledger:
                                            request_id=rid, skip_text=True, **fields):
                 assert msg.offset == len(got), f"{rid}: gap or duplicate at {msg.offset}"
                 got.extend(msg.token_ids)
+                self.progress[rid] = len(got)
         except DynabatchError as e:
             self.failed[e.code.name] += 1
             self.tokens[rid] = got
