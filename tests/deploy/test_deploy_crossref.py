@@ -325,3 +325,32 @@ def test_gpu_overlay_is_production_shaped(rendered):
     for w, cont in dynabatch_containers(objs):
         name, _, tag = cont["image"].rpartition(":")
         assert "/" in name and tag and tag != "latest", cont["image"]
+
+
+def adapter_rules() -> list[dict]:
+    import yaml
+    values = yaml.safe_load((DEPLOY / "overlays" / "gpu" / "prometheus-adapter-values.yaml").read_text())
+    return values["rules"]["external"]
+
+
+def test_hpa_scales_the_worker_on_metrics_the_adapter_serves(rendered):
+    objs = rendered("gpu")
+    (hpa,) = find(objs, "HorizontalPodAutoscaler")
+    ref = hpa["spec"]["scaleTargetRef"]
+    target = one(objs, ref["kind"], ref["name"])
+    assert component(target) == "worker"
+    assert "replicas" not in target["spec"], "kubectl apply would reset the HPA's replica count"
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    served = {r["name"]["as"] for r in adapter_rules()}
+    used = {m["external"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "External"}
+    assert used and used <= served, f"HPA metrics {used - served} have no prometheus-adapter rule"
+
+
+def test_adapter_rules_read_metrics_the_code_exports():
+    import re
+    for rule in adapter_rules():
+        series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
+        assert "<<.Series>>{<<.LabelMatchers>>}" in rule["metricsQuery"]
+        if "prometheus_client" not in PACKAGE_SOURCE:
+            pytest.skip("the code exports no Prometheus metrics yet")
+        assert series in PACKAGE_SOURCE, f"no code exports {series}"
