@@ -81,6 +81,23 @@ def test_naive_sends_the_window_to_an_idle_worker():
     assert sent(p.decide(late, [worker()], 1.2)) == ["c"]
 
 
+def test_naive_keeps_one_window_per_worker_pool():
+    """The scheduler calls decide once per model with that model's workers."""
+    p = make_policy("naive", PolicyConfig(naive_window_s=0.5))
+    assert p.decide([req("a", at=0.0)], [worker("m1")], 0.1).assignments == {}
+    assert p.decide([req("b", at=0.3)], [worker("m2")], 0.4).assignments == {}
+    assert sent(p.decide([req("a", at=0.0)], [worker("m1")], 0.6)) == ["a"]
+    assert p.decide([req("b", at=0.3)], [worker("m2")], 0.6).assignments == {}
+    assert sent(p.decide([req("b", at=0.3)], [worker("m2")], 0.8)) == ["b"]
+
+
+def test_config_is_validated():
+    for bad in (dict(batching="nope"), dict(b_min=0), dict(b_min=8, b_max=4), dict(eta=0.0),
+                dict(num_bins=0), dict(predict_quantile=1.5), dict(max_wait_s=0)):
+        with pytest.raises(ValueError):
+            PolicyConfig(**bad)
+
+
 # ---- dynamic (Alg. 1 + 2) ------------------------------------------------------------------------
 def test_dynamic_target_is_min_of_memory_and_sla():
     p = make_policy("dynamic", PolicyConfig(eta=1.0, b_max=256))

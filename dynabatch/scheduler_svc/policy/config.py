@@ -6,7 +6,7 @@ preset only overrides fields of PolicyConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 Batching = Literal["continuous", "static", "window"]
 Controller = Literal["fixed", "dynamic"]
@@ -70,14 +70,25 @@ class PolicyConfig:
     stale_heartbeat_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.b_min <= self.b_max:
-            raise ValueError("need 1 <= b_min <= b_max")
-        if not 0.0 < self.eta <= 1.0:
-            raise ValueError("eta must be in (0, 1]")
-        if self.num_bins < 1:
-            raise ValueError("num_bins must be >= 1")
-        if self.tpot_target_s <= 0 or self.max_wait_s <= 0:
-            raise ValueError("tpot_target_s and max_wait_s must be > 0")
+        for name, choices in (("batching", Batching), ("controller", Controller),
+                              ("ordering", Ordering), ("bin_key", BinKey)):
+            if getattr(self, name) not in get_args(choices):
+                raise ValueError(f"{name} must be one of {', '.join(get_args(choices))}")
+        checks = {
+            "1 <= b_min <= b_max": 1 <= self.b_min <= self.b_max,
+            "0 < eta <= 1": 0.0 < self.eta <= 1.0,
+            "0 <= predict_quantile <= 1": 0.0 <= self.predict_quantile <= 1.0,
+            "tpot_target_s, max_wait_s, short_job_tokens > 0":
+                min(self.tpot_target_s, self.max_wait_s, self.short_job_tokens) > 0,
+            "num_bins, max_num_seqs, static_batch_size, history_size, bin_refresh >= 1":
+                min(self.num_bins, self.max_num_seqs, self.static_batch_size, self.history_size,
+                    self.bin_refresh) >= 1,
+            "eps, alpha, delta, sla_step, ttft_target_s >= 0":
+                min(self.eps, self.alpha, self.delta, self.sla_step, self.ttft_target_s) >= 0,
+        }
+        bad = [rule for rule, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("PolicyConfig needs " + "; ".join(bad))
 
 
 # Each name sets these fields, unless the config it is given sets them to non-default values.

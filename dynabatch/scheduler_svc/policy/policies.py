@@ -37,7 +37,7 @@ class BatchingPolicy:
         self.mean_output = 0.0                   # EWMA of completed output lengths
         self._steps: dict[str, int] = {}
         self._tpot: dict[str, float] = {}        # own TPOT targets of assigned requests
-        self._window_start: float | None = None
+        self._window_start: dict[tuple[str, ...], float] = {}   # naive, per worker set
         self._cache: dict[str, _Entry] = {}
         self._cache_version = (-1, -1)
 
@@ -136,7 +136,8 @@ class BatchingPolicy:
                 self._fill(live, slots, now, decision)
         else:                                   # run to completion: idle workers only
             slots = [s for s in slots if not s.worker.assigned]
-            self._fill_batches(live, slots, now, decision)
+            pool = tuple(sorted(w.worker_id for w in workers))
+            self._fill_batches(live, slots, pool, now, decision)
         for s in slots:
             if s.taken:
                 decision.assignments[s.worker.worker_id] = s.taken
@@ -146,19 +147,20 @@ class BatchingPolicy:
         c = self.config
         return c.ordering == "priority" and min(r.arrival_s for r in live) <= now - c.max_wait_s
 
-    def _batch_due(self, head: list[Waiting], waiting: int, now: float) -> bool:
+    def _batch_due(self, head: list[Waiting], waiting: int, pool: tuple[str, ...],
+                   now: float) -> bool:
         """static: B waiting or the oldest waited static_timeout_s; window: the window opened by
         the oldest request waiting since the last dispatch has closed (seed 000's naive).
-        `head` is the start of the queue in arrival order, `waiting` the queue's length."""
+        `head` is the start of the queue in arrival order, `waiting` the queue's length, `pool`
+        the workers decide() was given (one window per pool: the scheduler decides per model)."""
         c = self.config
         if not head:
             return False
         oldest = min(r.arrival_s for r in head)
         if c.batching == "static":
             return waiting >= c.static_batch_size or now - oldest >= c.static_timeout_s
-        if self._window_start is None:
-            self._window_start = oldest
-        return now - self._window_start >= c.naive_window_s
+        start = self._window_start.setdefault(pool, oldest)
+        return now - start >= c.naive_window_s
 
     def _fixed_target(self, w: WorkerView) -> int:
         c = self.config
@@ -250,21 +252,21 @@ class BatchingPolicy:
             if force:                            # hold the roomiest worker until it fits
                 max(open_slots, key=lambda s: s.free_blocks).held = True
 
-    def _fill_batches(self, live: list[Waiting], slots: list[WorkerSlot], now: float,
-                      decision: Decision) -> None:
+    def _fill_batches(self, live: list[Waiting], slots: list[WorkerSlot], pool: tuple[str, ...],
+                      now: float, decision: Decision) -> None:
         """static / window: whole batches in arrival order, each to an idle worker, when due."""
         head = heapq.nsmallest(4 * sum(s.room() for s in slots) + 16, live, key=fifo_key)
         left = len(live)
         for s in sorted(slots, key=lambda s: s.headroom(0), reverse=True):
-            if not self._batch_due(head, left, now):
+            if not self._batch_due(head, left, pool, now):
                 break
             rest = []
             for r in head:
                 if not (s.open() and self._place(r, [s], False, decision)):
                     rest.append(r)
             left -= len(head) - len(rest)
-            if len(rest) < len(head) and self.config.batching == "window":
-                self._window_start = None
+            if len(rest) < len(head):
+                self._window_start.pop(pool, None)
             head = rest
 
     def _place(self, r: Waiting, slots: list[WorkerSlot], force: bool,
