@@ -13,15 +13,14 @@ from typing import Sequence
 from . import admission
 from .bins import BinBoundaries
 from .config import PolicyConfig, preset
-from .memory import b_mem, blocks_per_seq
 from .predict import HistoryPredictor, LengthPredictor
 from .priority import base_key, deadline_of, fifo_key, key_at
 from .sla import SlaController
-from .slots import WorkerSlot, clamp_bin, dominant_bin, eligible
+from .slots import WorkerSlot, dominant_bin, eligible
+from .targets import Sample, dynamic_targets, fixed_targets, hard_cap, queue_sample
 from .types import Admission, Decision, Waiting, WorkerView
 
 _Entry = tuple[int, int, float, float | None]  # pred, bin, base key, deadline
-_Sample = tuple[list[float], list[int]]
 
 
 class BatchingPolicy:
@@ -129,7 +128,7 @@ class BatchingPolicy:
                 decision.expired.append(r.request_id)
             else:
                 live.append(r)
-        sample = self._sample(live)
+        sample = queue_sample(live, self.predict, c.num_bins)
         slots = [self._slot(w, sample, decision) for w in workers if eligible(w, c)]
         if c.batching == "continuous":
             if live and (any(s.open() for s in slots) or self._any_forced(live, now)):
@@ -162,57 +161,21 @@ class BatchingPolicy:
         start = self._window_start.setdefault(pool, oldest)
         return now - start >= c.naive_window_s
 
-    def _fixed_target(self, w: WorkerView) -> int:
+    def _slot(self, w: WorkerView, sample: Sample, decision: Decision) -> WorkerSlot:
         c = self.config
-        cap = {"continuous": c.max_num_seqs, "static": c.static_batch_size,
-               "window": c.b_max}[c.batching]
-        return min(cap, w.max_running) if w.max_running > 0 else cap
-
-    def _slot(self, w: WorkerView, sample: _Sample, decision: Decision) -> WorkerSlot:
-        c = self.config
-        hard_cap = min(c.b_max, w.max_running) if w.max_running > 0 else c.b_max
-        mean_tokens = self._mean_tokens(sample, w)
-        main_bin = dominant_bin(w, c.num_bins) or 0
         if c.controller == "fixed":
-            targets = {b: self._fixed_target(w) for b in range(c.num_bins)}
+            t = fixed_targets(w, c)
         else:
-            targets = {}
-            for b in range(c.num_bins):
-                per_seq = (blocks_per_seq(w, mean_tokens[b] / w.kv_block_size, c.few_running)
-                           if c.num_bins == 1 else max(mean_tokens[b] / w.kv_block_size, 1.0))
-                m = b_mem(w.kv_blocks_total, c.eta, per_seq, len(w.assigned), c.b_min, c.b_max)
-                s = self.controller(w.worker_id, b).b_sla
-                targets[b] = min(m, s, hard_cap)
-                if c.num_bins > 1:
-                    decision.bin_targets[(w.worker_id, b)] = targets[b]
-                if b == main_bin:
-                    decision.b_mem[w.worker_id], decision.b_sla[w.worker_id] = m, s
-        decision.batch_targets[w.worker_id] = self.targets[w.worker_id] = targets[main_bin]
+            t = dynamic_targets(w, c, sample, lambda b: self.controller(w.worker_id, b).b_sla)
+        main = dominant_bin(w, c.num_bins) or 0
+        decision.batch_targets[w.worker_id] = self.targets[w.worker_id] = t.per_bin[main]
+        if t.b_mem:
+            decision.b_mem[w.worker_id], decision.b_sla[w.worker_id] = t.b_mem[main], t.b_sla[main]
+        if c.num_bins > 1:
+            decision.bin_targets.update({(w.worker_id, b): n for b, n in t.per_bin.items()})
         budget = c.prefill_token_budget if c.batching == "continuous" else 1 << 62
         typical = sum(sample[0]) / max(sum(sample[1]), 1) / max(w.kv_block_size, 1)
-        return WorkerSlot(w, targets, hard_cap, c.reserve_output, budget, typical)
-
-    def _sample(self, live: list[Waiting]) -> _Sample:
-        """Planned tokens (prompt + predicted output) and counts per bin at the queue's head."""
-        k = self.config.num_bins
-        total, count = [0.0] * k, [0] * k
-        for r in live[:256]:
-            pred, b = self.predict(r)
-            total[b] += r.prompt_tokens + pred
-            count[b] += 1
-        return total, count
-
-    def _mean_tokens(self, sample: _Sample, w: WorkerView) -> list[float]:
-        """Mean planned tokens per bin over the worker's assigned requests and the queue's
-        head: Alg. 1's blocks/seq "from predicted lengths"."""
-        k = self.config.num_bins
-        total, count = list(sample[0]), list(sample[1])
-        for a in w.assigned:
-            b = clamp_bin(a.bin, k)
-            total[b] += a.prompt_tokens + a.predicted_output_tokens
-            count[b] += 1
-        overall = sum(total) / max(sum(count), 1)
-        return [total[b] / count[b] if count[b] else max(overall, 1.0) for b in range(k)]
+        return WorkerSlot(w, t.per_bin, hard_cap(w, c), c.reserve_output, budget, typical)
 
     def _fill(self, live: list[Waiting], slots: list[WorkerSlot], now: float,
               decision: Decision) -> None:
