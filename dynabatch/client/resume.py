@@ -39,7 +39,7 @@ class StreamState:
         code = err.code()
         lost_before_admission = (code == grpc.StatusCode.NOT_FOUND and self.resuming
                                  and self.received == 0)
-        if code != grpc.StatusCode.UNAVAILABLE and not lost_before_admission:
+        if code != grpc.StatusCode.UNAVAILABLE and not lost_before_admission or _ended(err):
             return None
         if self.failures >= self.retries:
             return None
@@ -58,6 +58,14 @@ class StreamState:
         return stub.Resume(pb.ResumeRequest(request_id=self.request.request_id, offset=self.received,
                                             skip_text=self.request.skip_text),
                            timeout=self.remaining(), metadata=metadata)
+
+
+def _ended(err: grpc.RpcError) -> bool:
+    """The server says the request itself is over (not merely this stream)."""
+    try:
+        return any(k == "x-request-ended" for k, _ in err.trailing_metadata() or ())
+    except Exception:
+        return False
 
 
 def tls_credentials(ca_cert: str | bytes | None = None, client_cert: str | bytes | None = None,

@@ -19,6 +19,9 @@ from dynabatch.wire.queue import Queue, QueueError
 
 log = logging.getLogger("dynabatch.scheduler")
 DRAINING = "scheduler is draining; retry (another replica, or this one after its restart)"
+# Trailing metadata on a status that ends the request itself (not just this stream): the SDK
+# does not try to Resume it.
+ENDED = (("x-request-ended", "true"),)
 
 
 async def _check(request, context) -> None:
@@ -62,7 +65,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         try:
             await self.queue.submit(item)
         except QueueError as e:
-            self.table.end(item.request_id, "failed")
+            self.table.end(item.request_id, "failed",
+                           Failure(grpc.StatusCode.UNAVAILABLE, f"queue unavailable: {e}"))
+            context.set_trailing_metadata(ENDED)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"queue unavailable: {e}")
         self.batching.wake.set()
         log.debug("queued %s (%d prompt tokens)", item.request_id, len(item.prompt_token_ids))
@@ -90,6 +95,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         try:
             async for msg in tracked.follow(offset, tokenizer):
                 if isinstance(msg, Failure):
+                    if msg is tracked.failure:
+                        context.set_trailing_metadata(ENDED)
                     await context.abort(msg.code, msg.message)
                 yield msg
         except asyncio.CancelledError:
