@@ -12,11 +12,19 @@ POLICIES=naive,fcfs,dynamic,static,multibin,latency,throughput,coalescing,adapti
 if [[ "${SKIP_SPEED:-0}" != 1 ]]; then
   python -m dynabatch.bench.commands simulate --speed --speed-n 100000 --out bench/results/sim_speed.json
 fi
-for MODEL in ${MODELS:-h200-llama8b-kv8g h200-llama1b}; do
-  python -m dynabatch.bench.commands report --trace "$TRACE" --model "$MODEL" \
-    --policies "$POLICIES" --ttft-ms 2000 --tpot-ms 50 --max-tokens 2048 --jobs "$JOBS" \
-    --out "bench/results/azure_$MODEL" \
-    --command-line "dynabatch bench report --trace azure_llm_conv_2023.csv --model $MODEL --policies $POLICIES --ttft-ms 2000 --tpot-ms 50 --max-tokens 2048 --out bench/results/azure_$MODEL" \
-    > "bench/results/azure_$MODEL.log" 2>&1
-  echo "wrote bench/results/azure_$MODEL"
+# Settings: MODEL[:KV_BLOCKS] (8B with the KV pool cut to 1024 blocks = 2 GiB: memory-bound).
+for SETTING in ${SETTINGS:-h200-llama8b-kv8g h200-llama8b-kv8g:1024 h200-llama1b}; do
+  MODEL=${SETTING%%:*}
+  NAME=$MODEL
+  KV=()
+  if [[ "$SETTING" == *:* ]]; then
+    KV=(--kv-blocks "${SETTING##*:}")
+    NAME="h200-llama8b-kv2g"
+  fi
+  ARGS=(--model "$MODEL" "${KV[@]}" --policies "$POLICIES" --ttft-ms 2000 --tpot-ms 50
+        --max-tokens 2048 --out "bench/results/azure_$NAME")
+  python -m dynabatch.bench.commands report --trace "$TRACE" "${ARGS[@]}" --jobs "$JOBS" \
+    --command-line "dynabatch bench report --trace azure_llm_conv_2023.csv ${ARGS[*]}" \
+    > "bench/results/azure_$NAME.log" 2>&1
+  echo "wrote bench/results/azure_$NAME"
 done

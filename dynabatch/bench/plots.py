@@ -64,22 +64,34 @@ def goodput_vs_load(curves: dict[str, list[dict]], path: Path, title: str) -> Pa
     return path
 
 
+def _binned(samples: list, value, bins: int = 150) -> tuple[list[float], list[float]]:
+    """Mean of value(sample) per time bin (raw feedback every 0.25 s is unreadable)."""
+    if not samples:
+        return [], []
+    t0, t1 = samples[0].t, samples[-1].t
+    width = max((t1 - t0) / bins, 1e-9)
+    sums, counts = [0.0] * (bins + 1), [0] * (bins + 1)
+    for s in samples:
+        i = int((s.t - t0) / width)
+        sums[i] += value(s)
+        counts[i] += 1
+    xs = [t0 + (i + 0.5) * width for i in range(bins + 1) if counts[i]]
+    return xs, [sums[i] / counts[i] for i in range(bins + 1) if counts[i]]
+
+
 def timelines(runs: dict[str, RunResult], path: Path, title: str) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    metrics = ((lambda s: s.running, "running batch"), (lambda s: 100 * s.kv_used, "KV blocks used (%)"),
+               (lambda s: s.waiting, "scheduler queue"))
     for label, run in runs.items():
-        tl = run.timeline
-        t = [s.t for s in tl]
-        axes[0].plot(t, [s.running for s in tl], lw=0.7, label=label)
-        axes[1].plot(t, [100 * s.kv_used for s in tl], lw=0.7, label=label)
-        axes[2].plot(t, [s.waiting for s in tl], lw=0.7, label=label)
-    axes[0].set_ylabel("running batch")
-    axes[1].set_ylabel("KV blocks used (%)")
-    axes[2].set_ylabel("scheduler queue")
-    axes[2].set_xlabel("time (s)")
-    for ax in axes:
+        for ax, (value, _) in zip(axes, metrics):
+            ax.plot(*_binned(run.timeline, value), lw=1, label=label)
+    for ax, (_, name) in zip(axes, metrics):
+        ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=len(runs))
+    axes[2].set_xlabel("time (s); each point: mean over 1/150 of the run")
+    axes[0].legend(fontsize=8, ncol=min(len(runs), 5))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
