@@ -162,6 +162,26 @@ def test_forced_request_bypasses_target_but_not_memory():
     assert sent(p.decide(q, [full], 10.0)) == []
 
 
+def test_forced_request_that_does_not_fit_holds_the_roomiest_worker():
+    """The oldest overdue request is not overtaken forever by smaller ones: the worker where it
+    would fit first takes nothing else until it does; other workers keep working."""
+    p = make_policy("dynamic", PolicyConfig(max_wait_s=5.0))
+    big = req("big", prompt=1200, max_tokens=64, at=0.0)          # 79 blocks
+    small = [req(f"s{i}", prompt=16, max_tokens=16, at=1.0 + i) for i in range(4)]
+    roomy, tight = worker("roomy", total=100, used=50), worker("tight", total=100, used=90)
+    d = p.decide([big] + small, [roomy, tight], 10.0)
+    assert "roomy" not in d.assignments and len(d.assignments["tight"]) == 4
+    d = p.decide([big] + small, [worker("roomy", total=100, used=10), tight], 10.0)
+    assert d.assignments["roomy"][0] == "big"
+
+
+def test_resumed_request_goes_first_in_its_class():
+    p = make_policy("dynamic", PolicyConfig(max_num_seqs=1))
+    q = [req("fresh", at=1.0, max_tokens=8), req("back", at=2.0, max_tokens=900, resumed=True)]
+    d = p.decide(q, [worker(max_running=1)], 3.0)
+    assert sent(d) == ["back"]
+
+
 def test_prefill_token_budget_per_worker_per_decision():
     p = make_policy("dynamic", PolicyConfig(prefill_token_budget=100))
     q = [req(f"r{i}", prompt=60, at=float(i)) for i in range(5)]
