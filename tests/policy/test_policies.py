@@ -201,7 +201,8 @@ def test_expired_are_listed_and_not_assigned():
 @pytest.mark.parametrize("name", POLICY_NAMES)
 def test_never_to_stale_draining_or_unready_workers(name):
     p = make_policy(name, PolicyConfig(stale_heartbeat_s=5.0))
-    bad = [worker("stale", age=6.0), worker("draining", accepting=False), worker("new", total=0)]
+    bad = [worker("stale", age=6.0), worker("draining", accepting=False), worker("new", total=0),
+           worker("odd", block=0)]
     q = [req(f"r{i}", at=0.0) for i in range(20)]
     assert p.decide(q, bad, 100.0).assignments == {}
     assert set(p.decide(q, bad + [worker("ok")], 100.0).assignments) == {"ok"}
@@ -291,3 +292,20 @@ def test_deterministic():
             p.on_finish(f"r{t}-0", 10, t * 13, float(t))
         return out
     assert run() == run()
+
+
+@pytest.mark.parametrize("name", ["fcfs", "dynamic", "multibin"])
+def test_decide_stays_cheap_with_10k_waiting(name):
+    """O(n log k): a regression to O(n²) or a full re-sort per request would blow far past this
+    (locally ~5 ms; the bound leaves room for a loaded CI box)."""
+    import time
+    p = make_policy(name)
+    q = [req(f"r{i}", prompt=100 + i % 500, max_tokens=200 + i % 300, at=i * 0.001,
+             deadline=20.0 if i % 3 == 0 else None) for i in range(10_000)]
+    workers = [worker("a", step_ms=20.0, batch=8.0, steps=1), worker("b", used=100)]
+    best = 1e9
+    for k in range(3):
+        t = time.perf_counter()
+        p.decide(q, workers, 10.0 + k * 0.01)
+        best = min(best, time.perf_counter() - t)
+    assert best < 0.1

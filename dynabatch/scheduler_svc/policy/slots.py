@@ -21,7 +21,7 @@ _TOL = 1e-9
 def eligible(worker: WorkerView, cfg: PolicyConfig) -> bool:
     """Accepting, heartbeat fresh, and has reported its KV pool."""
     return (worker.accepting and worker.heartbeat_age_s <= cfg.stale_heartbeat_s
-            and worker.kv_blocks_total > 0)
+            and worker.kv_blocks_total > 0 and worker.kv_block_size > 0)
 
 
 def clamp_bin(bin_: int, num_bins: int) -> int:
