@@ -77,3 +77,14 @@ def test_free_slots_shorten_the_wait():
     p.decide([], [fast], 0.0)                          # learns the worker's b_target
     assert p.targets["w"] > 20
     assert p.admit(req("a", max_tokens=100, ttft=2.0), waiting, [fast], 0.0).accepted
+
+
+def test_queue_statistics_follow_the_snapshot():
+    p = policy(max_queue_requests=3)
+    full = [req(f"q{i}") for i in range(3)]
+    assert not p.admit(req("a"), full, [MEASURED], 0.0).accepted
+    assert p.admit(req("a"), [], [MEASURED], 0.0).accepted          # another snapshot
+    grown = full[:2]
+    assert p.admit(req("a"), grown, [MEASURED], 0.0).accepted
+    grown.append(req("q9"))                                          # same list, new length
+    assert not p.admit(req("a"), grown, [MEASURED], 0.0).accepted

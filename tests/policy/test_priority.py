@@ -1,4 +1,5 @@
-"""Selection order: urgency + short-job bonus, class priority, resumed first, forced past max_wait."""
+"""Selection order: urgency + short-job bonus, class priority, resumed first, forced past
+max_wait."""
 import pytest
 from hypothesis import given, settings, strategies as st
 

@@ -99,8 +99,8 @@ def test_past_max_wait_admitted_whenever_memory_allows(name, state):
     by_id = {r.request_id: r for r in waiting}
     sent = {rid for v in d.assignments.values() for rid in v}
     live = [w for w in workers if eligible(w, p.config)]
-    final = {w.worker_id: _final_state(p, w, [by_id[r] for r in d.assignments.get(w.worker_id, [])], d)
-             for w in live}
+    final = {w.worker_id: _final_state(p, w, [by_id[r] for r in d.assignments.get(w.worker_id, [])],
+                                       d) for w in live}
     forced = sorted((r for r in waiting if NOW - r.arrival_s >= MAX_WAIT and r.request_id
                      not in d.expired), key=lambda r: r.arrival_s)
     for k, r in enumerate(forced):

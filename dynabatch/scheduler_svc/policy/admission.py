@@ -10,6 +10,7 @@ has stepped yet) the wait is unknown and only the queue bounds apply.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from .config import PolicyConfig
@@ -35,7 +36,28 @@ def free_slots(workers: Sequence[WorkerView], targets: Mapping[str, int],
                for w in workers if eligible(w, cfg))
 
 
-def admit(req: Waiting, predicted_output: int, waiting: Sequence[Waiting],
+@dataclass(frozen=True)
+class QueueStats:
+    """What admission needs from the queue: its length, its tokens (prompt + max_tokens) and
+    how many requests each class (1..3) has. One O(n) pass, reused while the queue is the same."""
+    length: int
+    tokens: int
+    by_class: tuple[int, int, int, int]
+
+    @staticmethod
+    def of(waiting: Sequence[Waiting]) -> QueueStats:
+        by_class = [0, 0, 0, 0]
+        tokens = 0
+        for r in waiting:
+            tokens += r.prompt_tokens + r.max_tokens
+            by_class[min(max(r.priority or 2, 1), 3)] += 1
+        return QueueStats(len(waiting), tokens, tuple(by_class))  # type: ignore[arg-type]
+
+    def at_or_above(self, cls: int) -> int:
+        return sum(self.by_class[min(max(cls or 2, 1), 3):])
+
+
+def admit(req: Waiting, predicted_output: int, queue: QueueStats,
           workers: Sequence[WorkerView], targets: Mapping[str, int], mean_output: float,
           now: float, cfg: PolicyConfig) -> Admission:
     rate = service_rate(workers, targets, mean_output, cfg)
@@ -44,16 +66,14 @@ def admit(req: Waiting, predicted_output: int, waiting: Sequence[Waiting],
         """Seconds until n more requests have left the queue (fallback: a tenth of max_wait)."""
         return n / rate if rate > 0 else cfg.max_wait_s / 10
 
-    queued_tokens = sum(r.prompt_tokens + r.max_tokens for r in waiting)
-    if (len(waiting) >= cfg.max_queue_requests
-            or queued_tokens + req.prompt_tokens + req.max_tokens > cfg.max_queue_tokens):
-        excess = max(1, len(waiting) + 1 - cfg.max_queue_requests)
+    if (queue.length >= cfg.max_queue_requests
+            or queue.tokens + req.prompt_tokens + req.max_tokens > cfg.max_queue_tokens):
+        excess = max(1, queue.length + 1 - cfg.max_queue_requests)
         return Admission(False, "queue_full", drain_time(excess))
     deadline = deadline_of(req, cfg.ttft_target_s)
     if deadline is None or rate <= 0:
         return Admission(True)
-    cls = req.priority or 2
-    ahead = sum(1 for r in waiting if (r.priority or 2) >= cls)
+    ahead = queue.at_or_above(req.priority)
     wait = drain_time(max(0, ahead + 1 - free_slots(workers, targets, cfg)))
     if now + wait > deadline:
         return Admission(False, "deadline_unmeetable", now + wait - deadline)

@@ -25,7 +25,7 @@ class PolicyConfig:
     controller: Controller = "dynamic"
     ordering: Ordering = "priority"          # fifo: arrival order (resumed first)
     num_bins: int = 1                        # > 1: multi-bin (per-bin controllers)
-    bin_key: BinKey = "output"               # bin by predicted output (multi-bin) or prompt (coalescing)
+    bin_key: BinKey = "output"               # bin by predicted output, or prompt (coalescing)
     # Reserve KV for prompt + predicted output (Alg. 1); False: prompt and generated tokens only
     # (vLLM's admission: it preempts when sequences outgrow memory).
     reserve_output: bool = True
@@ -46,7 +46,7 @@ class PolicyConfig:
 
     # --- selection ---
     max_wait_s: float = 10.0          # past it a request is forced in whenever memory allows
-    short_job_weight: float = 1.0     # short-job bonus = weight / (1 + predicted / short_job_tokens)
+    short_job_weight: float = 1.0     # bonus = weight / (1 + predicted / short_job_tokens)
     short_job_tokens: int = 128
     prefill_token_budget: int = 8192  # prompt tokens sent to one worker per decision (TTFT)
 

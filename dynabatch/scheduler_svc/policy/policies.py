@@ -39,6 +39,8 @@ class BatchingPolicy:
         self._window_start: dict[tuple[str, ...], float] = {}   # naive, per worker set
         self._cache: dict[str, _Entry] = {}
         self._cache_version = (-1, -1)
+        self._queue_stats: tuple[object, admission.QueueStats] = (None,
+                                                                  admission.QueueStats.of(()))
 
     # ---- feedback -------------------------------------------------------------------------
     def observe(self, worker: WorkerView, now: float) -> None:
@@ -83,9 +85,14 @@ class BatchingPolicy:
     # ---- admission ------------------------------------------------------------------------
     def admit(self, req: Waiting, waiting: Sequence[Waiting], workers: Sequence[WorkerView],
               now: float) -> Admission:
+        """Admission control (admission.py). The queue's statistics are reused while `waiting`
+        is the same list object of the same length (the scheduler passes one snapshot per
+        tick), so a burst of arrivals costs O(1) each, not O(queue)."""
         self._sync_cache(len(waiting))
+        if self._queue_stats[0] is not waiting or self._queue_stats[1].length != len(waiting):
+            self._queue_stats = (waiting, admission.QueueStats.of(waiting))
         predicted = self.predict(req)[0]
-        return admission.admit(req, predicted, waiting, workers, self.targets,
+        return admission.admit(req, predicted, self._queue_stats[1], workers, self.targets,
                                self.mean_output or predicted, now, self.config)
 
     # ---- decision -------------------------------------------------------------------------

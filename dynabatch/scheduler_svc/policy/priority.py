@@ -33,7 +33,8 @@ def short_bonus(predicted_output: int, cfg: PolicyConfig) -> float:
 
 def score(req: Waiting, predicted_output: int, now: float, cfg: PolicyConfig) -> float:
     urgency = (now - req.arrival_s) / cfg.max_wait_s
-    return urgency + deadline_pressure(deadline_of(req), now, cfg) + short_bonus(predicted_output, cfg)
+    pressure = deadline_pressure(deadline_of(req), now, cfg)
+    return urgency + pressure + short_bonus(predicted_output, cfg)
 
 
 def deadline_pressure(deadline: float | None, now: float, cfg: PolicyConfig) -> float:
