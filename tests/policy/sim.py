@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from dynabatch.scheduler_svc.policy import Assigned, Policy, Waiting, WorkerView
 from dynabatch.scheduler_svc.policy.memory import blocks
@@ -72,7 +73,8 @@ def workload(seed: int, rate: float, horizon: float) -> list[tuple[Waiting, int]
 
 
 def run(policy: Policy, arrivals: list[tuple[Waiting, int]], workers: list[SimWorker],
-        until: float, dt: float = 0.02) -> Result:
+        until: float, dt: float = 0.02, on_tick: Callable[[float], None] | None = None) -> Result:
+    """Drive `policy` until `until` (s); `on_tick(now)` runs after every tick (probes, changes)."""
     pending = sorted(arrivals, key=lambda x: x[0].arrival_s)
     truth = {r.request_id: n for r, n in pending}
     waiting: dict[str, Waiting] = {}
@@ -97,6 +99,8 @@ def run(policy: Policy, arrivals: list[tuple[Waiting, int]], workers: list[SimWo
         for w in workers:
             res.max_running = max(res.max_running, len(w.running))
             _advance(w, dt, policy, now, waiting, res)
+        if on_tick is not None:
+            on_tick(now)
         now += dt
     return res
 

@@ -91,3 +91,26 @@ def test_converges_and_tracks_a_step_change(b_star, a_share, factor):
     b_star2 = (T - a) / (slope * factor)
     if 8 <= b_star2 <= 250:
         assert _settled(_drive(c, a, slope * factor, 50), b_star2)
+
+
+def test_closed_loop_through_the_policy_tracks_tpot_target():
+    """Alg. 2 in the loop: a memory-rich worker with D(b) = 10 + c·b ms under a deep queue runs
+    about b* = (50 − 10) / c sequences (TPOT target 50 ms), and follows c doubling."""
+    from dynabatch.scheduler_svc.policy import PolicyConfig, make_policy
+
+    from . import sim
+
+    p = make_policy("dynamic", PolicyConfig(tpot_target_s=0.05, max_wait_s=1000.0))
+    w = sim.SimWorker("a", total=10**6, a_ms=10.0, c_ms=0.5)
+    seen: list[tuple[float, int]] = []
+
+    def tick(now: float) -> None:
+        if now >= 20.0:
+            w.c_ms = 1.0
+        seen.append((now, len(w.running)))
+
+    sim.run(p, sim.workload(3, 60.0, 40.0), [w], until=40.0, on_tick=tick)
+    before = [n for t, n in seen if 10.0 <= t < 20.0]
+    after = [n for t, n in seen if 30.0 <= t < 40.0]
+    assert all(abs(n - 80) <= 8 for n in before)
+    assert all(abs(n - 40) <= 4 for n in after)
