@@ -194,6 +194,10 @@ async def redis_stack(redis_url, prefix):
                                    redis_prefix=prefix))
     async with stack:
         yield stack
+    await purge(redis_url, prefix)
+
+
+async def purge(redis_url: str, prefix: str) -> None:
     from dynabatch.wire.redis_queue import RedisQueue
     queue = RedisQueue(redis_url, prefix)
     await queue.purge()
