@@ -27,6 +27,7 @@ class StackConfig:
     workers: int = 1
     redis_url: str | None = None
     redis_prefix: str | None = None            # default: a fresh prefix per stack
+    scheduler_options: dict = field(default_factory=dict)   # more SchedulerConfig fields (TLS...)
 
 
 class LocalStack:
@@ -36,7 +37,8 @@ class LocalStack:
         self.queue = connect(self.cfg.redis_url, prefix)
         self.scheduler = SchedulerServer(self.queue, SchedulerConfig(
             listen="127.0.0.1:0", models=[self.cfg.model], policy=self.cfg.policy,
-            policy_config=self.cfg.policy_config, drain_grace_s=2.0))
+            policy_config=self.cfg.policy_config, drain_grace_s=2.0,
+            **self.cfg.scheduler_options))
         self.loops: list[WorkerLoop] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
