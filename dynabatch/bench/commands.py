@@ -64,8 +64,34 @@ def add_sim_args(p: argparse.ArgumentParser, many: bool = True) -> None:
     g.add_argument("--workers", type=int, default=1)
     g.add_argument("--ttft-ms", type=float, default=2000.0, help="SLA: time to first token")
     g.add_argument("--tpot-ms", type=float, default=50.0, help="SLA: time per output token")
+    g.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a PolicyConfig field (repeatable), e.g. reserve_output=false")
+    g.add_argument("--no-admission", action="store_true",
+                   help="ablation: accept every arrival (skip policy.admit)")
     g.add_argument("--max-tokens", default="2048",
                    help="max_tokens sent per request: a cap, or 'exact' (= the trace's length)")
+
+
+def _value(text: str) -> object:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def policy_overrides(opts: list[str]) -> dict:
+    out = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise tr.TraceError(f"--policy-opt wants KEY=VALUE, got {opt!r}")
+        out[key.strip()] = _value(value.strip())
+    return out
 
 
 def sim_config(a: argparse.Namespace, policy: str):
@@ -76,7 +102,9 @@ def sim_config(a: argparse.Namespace, policy: str):
         model = model.with_kv(a.kv_blocks)
     return SimConfig(policy=policy, model=model, workers=a.workers,
                      ttft_target_s=a.ttft_ms / 1000, tpot_target_s=a.tpot_ms / 1000,
-                     max_tokens=None if a.max_tokens == "exact" else int(a.max_tokens))
+                     max_tokens=None if a.max_tokens == "exact" else int(a.max_tokens),
+                     policy_overrides=policy_overrides(a.policy_opt),
+                     admission=not a.no_admission)
 
 
 def _policies(a: argparse.Namespace) -> list[str]:

@@ -43,6 +43,7 @@ class SimConfig:
     # time-driven triggers (naive window, static timeout, max_wait forcing) can be this late.
     idle_tick_max_s: float = 0.05
     stop_after_misses: int | None = None  # end early once this many requests missed the SLA
+    admission: bool = True            # False: accept every arrival (ablation of policy.admit)
     feedback_s: float = 0.25          # worker heartbeat / feedback period
     macro_steps: int = 16
     policy_overrides: dict = field(default_factory=dict)
@@ -80,6 +81,7 @@ class Simulation:
         self.changed = False
         self.stopped_early = False
         self.misses = 0
+        self.reject_reasons: dict[str, int] = {}
         self.idle_streak = 0
 
     # ------------------------------------------------------------------ views
@@ -157,9 +159,11 @@ class Simulation:
                       max_tokens=max_tokens, arrival_s=now, ttft_target_s=cfg.ttft_target_s,
                       tpot_target_s=cfg.tpot_target_s,
                       queue_deadline_s=None if cfg.max_queue_s is None else now + cfg.max_queue_s)
-        adm = self.policy.admit(req, self._waiting_list(), self._views(now), now)
-        if not adm.accepted:
+        adm = (self.policy.admit(req, self._waiting_list(), self._views(now), now)
+               if cfg.admission else None)
+        if adm is not None and not adm.accepted:
             rec.outcome = Outcome.REJECTED
+            self.reject_reasons[adm.reason] = self.reject_reasons.get(adm.reason, 0) + 1
             self.misses += 1
             return
         self.changed = True
@@ -237,7 +241,7 @@ class Simulation:
                   "provenance": self.cfg.model.provenance, "trace": self.trace.source,
                   "trace_notes": self.trace.notes, "workers": self.cfg.workers,
                   "requests": n, "wall_s": time.perf_counter() - wall, "decides": self.decides,
-                  "stopped_early": self.stopped_early,
+                  "stopped_early": self.stopped_early, "reject_reasons": self.reject_reasons,
                   "steps": sum(w.steps for w in self.workers),
                   "preemptions": sum(w.preemptions for w in self.workers),
                   "busy_s": sum(w.busy_ms for w in self.workers) / 1000.0,
