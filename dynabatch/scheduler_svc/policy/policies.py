@@ -88,7 +88,7 @@ class BatchingPolicy:
         """Admission control (admission.py). The queue's statistics are reused while `waiting`
         is the same list object of the same length (the scheduler passes one snapshot per
         tick), so a burst of arrivals costs O(1) each, not O(queue)."""
-        self._sync_cache(len(waiting))
+        self._sync_cache()
         if self._queue_stats[0] is not waiting or self._queue_stats[1].length != len(waiting):
             self._queue_stats = (waiting, admission.QueueStats.of(waiting))
         predicted = self.predict(req)[0]
@@ -113,9 +113,13 @@ class BatchingPolicy:
             self._cache[req.request_id] = hit
         return hit
 
-    def _sync_cache(self, n_waiting: int) -> None:
+    def _sync_cache(self) -> None:
+        """Drop cached per-request facts when the tables change, or when requests that left
+        without on_finish (cancelled, expired) have piled up past twice the queue bound (not
+        the current queue's size: the scheduler decides per model, on parts of the queue)."""
         version = (self.predictor.version, self.bins.version)
-        if version != self._cache_version or len(self._cache) > 2 * n_waiting + 1024:
+        if (version != self._cache_version
+                or len(self._cache) > 2 * self.config.max_queue_requests + 1024):
             self._cache.clear()
             self._cache_version = version
 
@@ -123,7 +127,7 @@ class BatchingPolicy:
                now: float) -> Decision:
         c = self.config
         decision = Decision()
-        self._sync_cache(len(waiting))
+        self._sync_cache()
         if len(self._tpot) > 4096:              # drop requests whose finish was never reported
             running = {a.request_id for w in workers for a in w.assigned}
             self._tpot = {k: v for k, v in self._tpot.items() if k in running}
