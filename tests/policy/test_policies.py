@@ -182,6 +182,13 @@ def test_resumed_request_goes_first_in_its_class():
     assert sent(d) == ["back"]
 
 
+def test_preempted_request_comes_back_to_the_front():
+    p = make_policy("dynamic", PolicyConfig(max_num_seqs=1))
+    assert sent(p.decide([req("x", at=1.0, max_tokens=900)], [worker()], 1.0)) == ["x"]
+    q = [req("fresh", at=1.5, max_tokens=8), req("x", at=1.0, max_tokens=900, resumed=True)]
+    assert sent(p.decide(q, [worker(max_running=1)], 2.0)) == ["x"]
+
+
 def test_prefill_token_budget_per_worker_per_decision():
     p = make_policy("dynamic", PolicyConfig(prefill_token_budget=100))
     q = [req(f"r{i}", prompt=60, at=float(i)) for i in range(5)]

@@ -251,6 +251,7 @@ class BatchingPolicy:
             return False
         best = max(fitting, key=lambda s: s.headroom(bin_))
         best.take(r.request_id, r.prompt_tokens, pred, bin_)
+        self._cache.pop(r.request_id, None)     # if it comes back (resumed) its key differs
         decision.predicted_output_tokens[r.request_id] = pred
         decision.bins[r.request_id] = bin_
         if r.tpot_target_s > 0:
