@@ -140,3 +140,17 @@ def test_overload_burst_then_recovery(name):
     res = sim.run(p, arrivals, [sim.SimWorker("a", total=800), sim.SimWorker("b", total=800)],
                   until=80.0)
     assert res.finished == {r.request_id for r, _ in arrivals}
+
+
+@pytest.mark.parametrize("name", ["fcfs", "dynamic", "multibin", "static", "naive"])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(state=state_st)
+def test_pure_and_deterministic(name, state):
+    """Same inputs, same decision, on fresh policies; inputs left untouched; re-deciding on the
+    same state gives the same result (no hidden clock, no randomness)."""
+    workers, waiting = state
+    before = (list(workers), list(waiting))
+    a = make_policy(name).decide(waiting, workers, NOW)
+    b = make_policy(name).decide(waiting, workers, NOW)
+    assert a == b and (list(workers), list(waiting)) == before
