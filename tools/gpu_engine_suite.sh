@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The engine's GPU suite: GPU tests, then the engine benchmark (graphs; then compiled decode).
+# The engine's GPU suite: GPU tests, the engine benchmark (compiled decode, with the HF
+# baseline), and the same without torch.compile for comparison.
 # Usage (repo root, CUDA machine): OUT=/some/dir tools/gpu_engine_suite.sh [stages...]
-# Stages: tests bench bench_compiled (default: all). Results land in $OUT.
+# Stages: tests bench bench_eager (default: all). Results land in $OUT.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-stages=${*:-tests bench bench_compiled}
+stages=${*:-tests bench bench_eager}
 python3 -c 'import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())'
 for s in $stages; do
   echo "=== $s"
   case $s in
     tests) timeout 300 python3 -m pytest tests/engine -q -m gpu -rA 2>&1 | tee "$OUT/gpu_tests.log" ;;
     bench) timeout 420 python3 -m dynabatch.bench.engine_bench --json "$OUT/engine_h200.json" 2>&1 | tee "$OUT/engine_h200.log" ;;
-    bench_compiled) timeout 420 python3 -m dynabatch.bench.engine_bench --compile-decode --baseline-batches none \
-        --json "$OUT/engine_h200_compiled.json" 2>&1 | tee "$OUT/engine_h200_compiled.log" ;;
+    bench_eager) timeout 420 python3 -m dynabatch.bench.engine_bench --eager-decode --baseline-batches none \
+        --json "$OUT/engine_h200_eager.json" 2>&1 | tee "$OUT/engine_h200_eager.log" ;;
   esac
 done

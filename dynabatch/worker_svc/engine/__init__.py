@@ -22,13 +22,13 @@ CPU_DEFAULT_BLOCKS = 2048
 def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None = None,
                  num_kv_blocks: int | None = None, kv_fraction: float = 0.9,
                  block_size: int = 16, max_running: int = 256, prefill_token_budget: int = 8192,
-                 cuda_graphs: bool = True, compile_decode: bool = False,
+                 cuda_graphs: bool = True, compile_decode: bool | None = None,
                  seed: int = 0) -> "PagedEngine":
     """Load `model` (named shape or from_pretrained path), size the KV pool, capture graphs.
 
     On CUDA without `num_kv_blocks`, the pool takes `kv_fraction` of the memory still free once
-    the weights are loaded. `compile_decode` runs decode steps through torch.compile (faster
-    steps, longer start-up). The returned engine's `startup_s` is the measured build time.
+    the weights are loaded. `compile_decode` (default: on CUDA) runs decode steps' decoder
+    layers through torch.compile (faster steps; adds ~10 s to start-up on an H200). The returned engine's `startup_s` is the measured build time.
     """
     from dynabatch.wire import models
     from dynabatch.worker_svc.engine import kv_cache, loader
@@ -37,6 +37,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     t0 = time.perf_counter()
     dev = loader.resolve_device(device)
     dt = dtype or loader.default_dtype(dev)
+    if compile_decode is None:
+        compile_decode = dev.type == "cuda"
     net = loader.load_model(model, dev, dt, seed)
     config = net.config
     if num_kv_blocks is None:

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from dynabatch.wire import models
-from dynabatch.worker_svc.engine import attention
+from dynabatch.worker_svc.engine import attention, fusion
 
 
 def resolve_device(device: str) -> torch.device:
@@ -22,7 +22,8 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype,
                seed: int = 0) -> PreTrainedModel:
     """The causal LM in eval mode on `device`, its attention routed to the paged cache.
 
-    Named shapes are initialised under torch.manual_seed(seed) directly on the target device, so
+    Llama-family projections that share an input are fused (fusion.py). Named shapes are
+    initialised under torch.manual_seed(seed) directly on the target device, so
     two processes with the same seed and device type build identical weights.
     """
     impl = attention.register()
@@ -38,4 +39,5 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype,
         net.to(device)
     net.eval()
     net.requires_grad_(False)
+    fusion.fuse_projections(net)
     return net

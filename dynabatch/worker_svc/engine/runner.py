@@ -28,6 +28,7 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.block_size
         # Compiled decode: one dynamic-shape graph per layer serves every batch size >= 2.
+        self.compiled = compile_decode
         self._decode_forward = (compiled_decode_forward(model) if compile_decode
                                 else self._forward)
         self.inputs = DecodeInputs(kv, device, max_running, max_running,
