@@ -28,3 +28,13 @@ for SETTING in ${SETTINGS:-h200-llama8b-kv8g h200-llama8b-kv8g:1024 h200-llama1b
     > "bench/results/azure_$NAME.log" 2>&1
   echo "wrote bench/results/azure_$NAME"
 done
+# Ablations near the capacities found above (one mechanism off at a time; see ABLATION.md).
+if [[ "${SKIP_ABLATION:-0}" != 1 ]]; then
+  python -m dynabatch.bench.ablation --trace "$TRACE" --model h200-llama8b-kv8g --kv-blocks 1024 \
+    --rps 3.5 --ttft-ms 2000 --tpot-ms 50 --jobs "$JOBS" --out bench/results/ablation_kv2g \
+    > /dev/null
+  python -m dynabatch.bench.ablation --trace "$TRACE" --model h200-llama1b \
+    --rps 56 --ttft-ms 2000 --tpot-ms 50 --jobs "$JOBS" --out bench/results/ablation_llama1b \
+    > /dev/null
+  echo "wrote bench/results/ablation_*"
+fi
