@@ -1,5 +1,7 @@
 """Selection order: urgency + short-job bonus, class priority, resumed first, forced past
 max_wait."""
+import dataclasses
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -88,13 +90,17 @@ requests = st.builds(
 
 
 @settings(max_examples=300, deadline=None)
-@given(a=requests, b=requests, weight=st.floats(0, 5))
-def test_float_key_orders_like_the_tuple(a, b, weight):
+@given(a=requests, b=requests, weight=st.floats(0, 5), epoch=st.sampled_from([0.0, 1.7e9]))
+def test_float_key_orders_like_the_tuple(a, b, weight, epoch):
     """The cached float key orders non-forced requests exactly like
-    (−class, not resumed, −score) — the documented rule."""
+    (−class, not resumed, −score) — the documented rule — also on a Unix-time clock."""
     cfg = PolicyConfig(max_wait_s=10.0, short_job_weight=weight)
-    now = 10.0 - 1e-6                                  # nobody forced
-    (ra, pa), (rb, pb) = a, b
+    now = epoch + 10.0 - 1e-3                          # nobody forced
+
+    def shift(r):
+        dl = None if r.queue_deadline_s is None else r.queue_deadline_s + epoch
+        return dataclasses.replace(r, arrival_s=r.arrival_s + epoch, queue_deadline_s=dl)
+    (ra, pa), (rb, pb) = (shift(a[0]), a[1]), (shift(b[0]), b[1])
 
     def tup(r, p):
         return (-(r.priority or 2), not r.resumed, -score(r, p, now, cfg))
@@ -103,5 +109,5 @@ def test_float_key_orders_like_the_tuple(a, b, weight):
         return key_at(base_key(r, p, cfg), deadline_of(r), now, cfg)
 
     ta, tb, fa, fb = tup(ra, pa), tup(rb, pb), flt(ra, pa), flt(rb, pb)
-    if abs(ta[2] - tb[2]) > 1e-6 or ta[:2] != tb[:2]:      # ignore float ties
+    if abs(ta[2] - tb[2]) > 1e-5 or ta[:2] != tb[:2]:      # ignore float ties
         assert (ta < tb) == (fa < fb)
