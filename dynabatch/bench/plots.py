@@ -28,6 +28,7 @@ def latency_cdfs(runs: dict[str, RunResult], path: Path, title: str,
     for ax, name, target in ((axes[0], "TTFT (ms)", ttft_target_s), (axes[1], "TPOT (ms)", tpot_target_s)):
         ax.axvline(target * 1000, color="grey", ls="--", lw=1, label="SLA target")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(_plt().NullFormatter())
         ax.set_xlabel(name)
         ax.set_ylabel("share of completed requests")
         ax.grid(alpha=0.3)

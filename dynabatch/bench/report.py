@@ -65,6 +65,7 @@ def build(trace: Trace, cfg: SimConfig, policies: list[str], jobs: int = 2,
             bar.advance(task)
     for p in policies:
         sweep[p].sort(key=lambda s: s["target_rps"])
+    runs = {p: runs[p] for p in policies if p in runs}     # legend order = the order asked
     m = cfg.model
     data = {
         "simulated": True,
