@@ -81,3 +81,17 @@ def test_static_runs_batches_to_completion() -> None:
     assert len(starts) == 2                       # two batches of static_batch_size = 8
     first = [x for x in r.records if x.assigned_s == starts[0]]
     assert starts[1] >= max(x.finish_s for x in first)
+
+
+def test_new_work_joins_at_the_next_step_boundary() -> None:
+    """A macro step (several decode steps applied at once) is cut when work arrives: the new
+    request is prefilled in the very next step, alongside the running decode."""
+    m = load_model("h200-llama1b")
+    trace = Trace([TraceRequest(0.0, 100, 1000), TraceRequest(0.5, 100, 5)])
+    r = simulate(trace, SimConfig(policy="fcfs", model=m))
+    a, b = r.records
+    one_step = m.decode_ms(1, 100 + 1000) / 1000      # an upper bound on A's step at 0.5 s
+    mixed = m.step_ms(1, 100 + 1000, 100, 100 * 50) / 1000
+    assert b.assigned_s == 0.5
+    assert 0 < b.ttft <= one_step + mixed + 1e-12
+    assert a.outcome is Outcome.OK and b.outcome is Outcome.OK
