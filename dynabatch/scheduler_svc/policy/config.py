@@ -55,7 +55,7 @@ class PolicyConfig:
     max_queue_tokens: int = 4_000_000  # prompt + max_tokens of all waiting requests
 
     # --- baselines ---
-    max_num_seqs: int = 64            # fcfs (controller=fixed)
+    max_num_seqs: int = 256           # fcfs (controller=fixed): vLLM's default
     static_batch_size: int = 8        # static
     static_timeout_s: float = 1.0
     naive_window_s: float = 0.5       # window
