@@ -4,12 +4,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 import grpc
 
 from dynabatch.scheduler_svc.batching import BatchingLoop, to_waiting
 from dynabatch.scheduler_svc.handlers import Malformed
-from dynabatch.scheduler_svc.policy import Policy
+from dynabatch.scheduler_svc.policy import Policy, Waiting
 from dynabatch.scheduler_svc.requests import Failure, RequestTable, Tracked
 from dynabatch.scheduler_svc.validation import InvalidRequest, Limits, ModelInfo, validate
 from dynabatch.v1 import scheduler_pb2 as pb
@@ -52,9 +53,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if self.table.get(item.request_id) is not None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id: {item.request_id!r} is already in flight")
-        admission = self.policy.admit(to_waiting(item), self.batching.last_waiting,
+        candidate = self._for_admission(item)
+        admission = self.policy.admit(candidate, self.batching.last_waiting,
                                       self.batching.workers, time.time())
-        if not admission.accepted:
+        if admission.accepted:     # counts for the next admissions until the next snapshot
+            self.batching.last_waiting.append(candidate)
+        else:
             self.table.counts["rejected"] += 1
             ms = max(1, int(admission.retry_after_s * 1000))
             context.set_trailing_metadata((("retry-after-ms", str(ms)),))
@@ -73,6 +77,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         log.debug("queued %s (%d prompt tokens)", item.request_id, len(item.prompt_token_ids))
         async for msg in self._stream(tracked, 0, request.skip_text, context):
             yield msg
+
+    def _for_admission(self, item) -> Waiting:
+        """The request as admission control sees it: its TTFT target less the headroom kept for
+        the prefill, the first step and the error of the wait estimate."""
+        waiting = to_waiting(item)
+        if waiting.ttft_target_s > 0:
+            waiting = replace(waiting, ttft_target_s=waiting.ttft_target_s
+                              * (1 - self.limits.admission_headroom))
+        return waiting
 
     async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext):
         await _check(request, context)

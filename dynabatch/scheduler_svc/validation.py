@@ -30,6 +30,9 @@ class Limits:
     max_prompt_tokens: int = 32_768
     max_prompt_chars: int = 1 << 20
     default_max_queue_ms: int = 60_000
+    # Share of a request's TTFT target that admission control keeps free of queueing (prefill,
+    # first step, error of the wait estimate): admitted only if the wait fits in the rest.
+    admission_headroom: float = 0.3
 
 
 def validate(req: GenerateRequest, models: dict[str, ModelInfo], default_model: str,

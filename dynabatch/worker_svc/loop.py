@@ -55,6 +55,8 @@ class WorkerLoop:
         self._epoch: str | None = None
         self._lost = False       # the queue lost its data (Redis restarted): drop all work
         self._backoff = Backoff(max_s=config.backoff_max_s)
+        self._last_step_end: float | None = None
+        self._period_ms = 0.0    # EWMA of the time between consecutive steps (what clients see)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then finish the running requests (drain)."""
@@ -106,7 +108,17 @@ class WorkerLoop:
         if self.engine.has_work():
             outputs = await asyncio.to_thread(self.engine.step)
             await self._publish(outputs)
+            self._step_done()
+        else:
+            self._last_step_end = None
         self._refresh_feedback()
+
+    def _step_done(self) -> None:
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            ms = (now - self._last_step_end) * 1000
+            self._period_ms = ms if not self._period_ms else 0.9 * self._period_ms + 0.1 * ms
+        self._last_step_end = now
 
     async def _admit(self, item: WorkItem) -> None:
         """Hand an assignment to the engine; one it cannot take fails alone (never the worker)."""
@@ -192,7 +204,10 @@ class WorkerLoop:
         return WorkerFeedback(
             worker_id=self.cfg.worker_id, model=self.cfg.model, running=s.running,
             waiting=s.waiting, kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used,
-            kv_block_size=s.kv_block_size, decode_step_ms=s.decode_step_ms,
+            kv_block_size=s.kv_block_size,
+            # The engine's step time, or the step period clients see when the loop around it
+            # (pull, publish) adds more: the admission and SLA estimates rest on it.
+            decode_step_ms=max(s.decode_step_ms, self._period_ms),
             decode_batch_size=s.decode_batch_size, prefill_tokens_per_s=s.prefill_tokens_per_s,
             max_model_len=s.max_model_len, steps=s.steps, preemptions=s.preemptions,
             unix_ns=time.time_ns(), accepting=self.accepting, max_running=s.max_running)
