@@ -12,7 +12,7 @@ python3 -c 'import torch, transformers, triton; print(torch.__version__, transfo
 for s in $stages; do
   echo "=== $s"
   case $s in
-    tests) timeout 300 python3 -m pytest tests/engine -q -m gpu -rA 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    tests) timeout 300 python3 -m pytest tests/engine -q -m gpu -rA --show-capture=no 2>&1 | tee "$OUT/gpu_tests.log" ;;
     bench) timeout 420 python3 -m dynabatch.bench.engine_bench --json "$OUT/engine_h200.json" 2>&1 | tee "$OUT/engine_h200.log" ;;
     bench_eager) timeout 420 python3 -m dynabatch.bench.engine_bench --eager-decode --baseline-batches none \
         --json "$OUT/engine_h200_eager.json" 2>&1 | tee "$OUT/engine_h200_eager.log" ;;
