@@ -244,11 +244,15 @@ def test_multibin_bins_by_predicted_output_with_per_bin_targets():
     assert {k for k in d.bin_targets} == {("w0", b) for b in range(4)}
 
 
-def test_multibin_feedback_goes_to_the_dominant_bin():
+def test_multibin_feedback_goes_to_every_bin_in_the_batch():
     p = make_policy("multibin")
     w = worker(step_ms=200.0, batch=10.0, steps=1, assigned=running(10, bin_=2))
     p.observe(w, 0.0)
     assert p.controllers[("w0", 2)].updates == 1 and ("w0", 0) not in p.controllers
+    mixed = running(7, bin_=0) + running(3, bin_=3, prefix="long")
+    p.observe(worker(step_ms=200.0, batch=10.0, steps=2, assigned=mixed), 1.0)
+    assert {b: c.updates for (_, b), c in p.controllers.items()} == {0: 1, 2: 1, 3: 1}
+    assert p.controllers[("w0", 3)].b_sla < 128
 
 
 def test_multibin_capacity_in_units_of_each_bins_target():
