@@ -14,30 +14,39 @@ pytestmark = [pytest.mark.gpu,
 @pytest.mark.parametrize("heads,kv_heads,dim,block", [(32, 8, 64, 16), (16, 2, 128, 16),
                                                       (8, 8, 64, 32)])
 def test_triton_decode_matches_reference(heads: int, kv_heads: int, dim: int, block: int) -> None:
+    """The kernel stores the new K/V at its slot and attends like the reference over the
+    context that includes it."""
     from dynabatch.worker_svc.engine.triton_decode import paged_decode
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    batch, num_blocks = 9, 400
-    kv = torch.randn(1, 2, num_blocks + 1, kv_heads, block, dim, device="cuda",
-                     dtype=torch.bfloat16, generator=gen)
+    num_blocks, bf16 = 400, torch.bfloat16
     ctx = [1, 7, 16, 17, 100, 255, 256, 513, 1000]
+    batch = len(ctx)
+    kv = torch.randn(1, 2, num_blocks + 1, kv_heads, block, dim, device="cuda", dtype=bf16,
+                     generator=gen)
     perm = torch.randperm(num_blocks, device="cuda", generator=gen).add(1).tolist()
-    tables = []
-    for c in ctx:
-        tables.append(torch.tensor([perm.pop() for _ in range(-(-c // block))], device="cuda"))
-    width = max(len(t) for t in tables)
-    table = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
+    tables = [torch.tensor([perm.pop() for _ in range(-(-c // block))], device="cuda")
+              for c in ctx]
+    table = torch.zeros(batch, max(len(t) for t in tables), dtype=torch.int32, device="cuda")
     for i, t in enumerate(tables):
         table[i, : len(t)] = t
-    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    write_blocks = torch.stack([t[(c - 1) // block] for t, c in zip(tables, ctx)])
+    write_offsets = torch.tensor([(c - 1) % block for c in ctx], device="cuda")
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=bf16, generator=gen)
+    k_new = torch.randn(batch, kv_heads, dim, device="cuda", dtype=bf16, generator=gen)
+    v_new = torch.randn(batch, kv_heads, dim, device="cuda", dtype=bf16, generator=gen)
+    want_kv = kv.clone()
+    want_kv[0, 0][write_blocks, :, write_offsets] = k_new
+    want_kv[0, 1][write_blocks, :, write_offsets] = v_new
     ctx_t = torch.tensor(ctx, dtype=torch.int32, device="cuda")
-    got = paged_decode(q, kv[0, 0], kv[0, 1], table, ctx_t, dim ** -0.5)
-    empty = torch.empty(0, dtype=torch.long, device="cuda")
-    meta = PagedMetadata(kv=kv, write_blocks=empty, write_offsets=empty, block_tables=table,
-                         context_lens=ctx_t, decode=False, query_lens=[1] * batch,
-                         context_lens_host=ctx, seq_blocks=tables)
-    want = reference_paged_attention(q.float(), kv[0, 0].float(), kv[0, 1].float(), meta,
-                                     dim ** -0.5)
+    got = paged_decode(q, k_new, v_new, kv[0, 0], kv[0, 1], write_blocks, write_offsets, table,
+                       ctx_t, dim ** -0.5)
+    assert torch.equal(kv, want_kv)
+    meta = PagedMetadata(kv=want_kv, write_blocks=write_blocks, write_offsets=write_offsets,
+                         block_tables=table, context_lens=ctx_t, decode=False,
+                         query_lens=[1] * batch, context_lens_host=ctx, seq_blocks=tables)
+    want = reference_paged_attention(q.float(), want_kv[0, 0].float(), want_kv[0, 1].float(),
+                                     meta, dim ** -0.5)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 

@@ -79,13 +79,15 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Te
                  scale: float) -> torch.Tensor:
     """One decode token per sequence: write its K/V, attend over its context. q [B, H, D].
 
-    A custom op so torch.compile treats it as one opaque node (the Triton kernel on CUDA).
+    A custom op so torch.compile treats it as one opaque node: on CUDA the Triton kernel, which
+    also does the cache write.
     """
-    k_cache, v_cache = _write(kv, layer, k, v, write_blocks, write_offsets)
     if q.is_cuda:
         from dynabatch.worker_svc.engine.triton_decode import paged_decode as triton_decode
 
-        return triton_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return triton_decode(q, k, v, kv[layer, 0], kv[layer, 1], write_blocks, write_offsets,
+                             block_tables, context_lens, scale)
+    k_cache, v_cache = _write(kv, layer, k, v, write_blocks, write_offsets)
     bs = k_cache.shape[2]
     ctx = context_lens.tolist()
     meta = PagedMetadata(kv=kv, write_blocks=write_blocks, write_offsets=write_offsets,
