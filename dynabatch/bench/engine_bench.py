@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = "on CUDA / on CPU"
     p.add_argument("--model", default=None, help="default llama-3.2-1b-shape / tiny-random-llama")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batches", default=None, help=f"comma list; default 1,16,64,256 / 1,4,16 ({g})")
+    p.add_argument("--batches", default=None,
+                   help=f"comma list; default 1,16,64,256 / 1,4,16 ({g})")
     p.add_argument("--prompt-len", type=int, default=None, help="default 256 / 32")
     p.add_argument("--output-len", type=int, default=None, help="default 256 / 32")
     p.add_argument("--mixed-requests", type=int, default=None,

@@ -28,7 +28,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
 
     On CUDA without `num_kv_blocks`, the pool takes `kv_fraction` of the memory still free once
     the weights are loaded. `compile_decode` (default: on CUDA) runs decode steps' decoder
-    layers through torch.compile (faster steps; adds ~10 s to start-up on an H200). The returned engine's `startup_s` is the measured build time.
+    layers through torch.compile (faster steps; adds ~10 s to start-up on an H200). The
+    returned engine's `startup_s` is the measured build time.
     """
     from dynabatch.wire import models
     from dynabatch.worker_svc.engine import kv_cache, loader

@@ -48,7 +48,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     """query [1, H, T, D], key/value [1, KVH, T, D] -> ([1, T, H, D], None)."""
     meta = paged_metadata
     if meta is None:
-        raise RuntimeError("dynabatch_paged attention needs paged_metadata (run through the engine)")
+        raise RuntimeError("dynabatch_paged attention needs paged_metadata (run it through "
+                           "the engine)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     if meta.decode:

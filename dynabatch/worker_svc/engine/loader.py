@@ -1,4 +1,4 @@
-"""Building the model: named random-init shapes or any from_pretrained checkpoint, on our attention."""
+"""Building the model (named random-init shape or from_pretrained checkpoint) on our attention."""
 from __future__ import annotations
 
 import torch
