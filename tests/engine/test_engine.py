@@ -165,3 +165,26 @@ def test_rejects_prompts_longer_than_the_pool(llama_path: Path) -> None:
     engine = engine_for(llama_path, num_kv_blocks=2)
     with pytest.raises(ValueError):
         engine.add(SequenceRequest("big", list(range(40)), 4))
+
+
+def test_lowest_priority_is_preempted_first(llama_path: Path, ref_llama) -> None:
+    low, high = random_prompts(8, 2, 30, 30)
+    engine = engine_for(llama_path, num_kv_blocks=6)
+    finished: list[str] = []
+    add_at = {0: [SequenceRequest("low", low, 40, ignore_eos=True, priority=0)],
+              2: [SequenceRequest("high", high, 40, ignore_eos=True, priority=1)]}
+    outs: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_work() or add_at:
+        for req in add_at.pop(step, []):
+            engine.add(req)
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).extend(o.token_ids)
+            if o.finish_reason:
+                finished.append(o.request_id)
+        step += 1
+    assert engine.stats().preemptions > 0
+    assert finished == ["high", "low"]
+    assert engine.stats().kv_blocks_used == 0
+    assert outs["low"] == greedy_reference(ref_llama, low, 40)
+    assert outs["high"] == greedy_reference(ref_llama, high, 40)
