@@ -6,8 +6,9 @@ One engine step runs the decode of every running sequence plus (chunked prefill)
     step_ms = base_ms                          # launch overhead + reading the weights once
             + per_seq_ms     * decode_batch    # per-sequence compute (matmuls, sampling)
             + per_ctx_ms     * context_tokens  # reading the KV of every decoding sequence
-            + prefill_tok_ms * prefill_tokens  # prefill matmuls, per prompt token
-            + prefill_attn_ms * attn_units     # prefill attention: sum of t * (prefix + t/2)
+            + max(prefill_floor_ms,            # a step with prefill costs at least this more
+                  prefill_tok_ms * prefill_tokens    # prefill matmuls, per prompt token
+                  + prefill_attn_ms * attn_units)    # attention: sum of t * (prefix + t/2)
 
 so a lone prompt of P tokens takes ``prefill_ms(P) = base + prefill_tok*P + prefill_attn*P*P/2``
 and its later tokens ``decode_ms(1, context)`` each.
@@ -43,6 +44,8 @@ class LatencyModel:
     prefill_tok_ms: float
     prefill_attn_ms: float
     kv_blocks_total: int
+    # Measured engines run prefill outside CUDA graphs: short prompts cost a launch-bound floor.
+    prefill_floor_ms: float = 0.0
     kv_block_size: int = 16
     max_running: int = 256
     max_model_len: int = 8192
@@ -51,8 +54,12 @@ class LatencyModel:
 
     def step_ms(self, decode_batch: int, context_tokens: int, prefill_tokens: int = 0,
                 attn_units: float = 0.0) -> float:
+        prefill = 0.0
+        if prefill_tokens > 0:
+            prefill = max(self.prefill_floor_ms,
+                          self.prefill_tok_ms * prefill_tokens + self.prefill_attn_ms * attn_units)
         return (self.base_ms + self.per_seq_ms * decode_batch + self.per_ctx_ms * context_tokens
-                + self.prefill_tok_ms * prefill_tokens + self.prefill_attn_ms * attn_units)
+                + prefill)
 
     def prefill_ms(self, tokens: int) -> float:
         """A lone prompt prefilled in one step (no decodes alongside)."""
@@ -92,6 +99,15 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LatencyModel:
     return LatencyModel(**data)
 
 
+def fit_residuals(model: LatencyModel, data: dict) -> dict:
+    """Relative error of the model on each measured point of an engine benchmark JSON."""
+    dec = [model.decode_ms(d["batch"], d["context_tokens"]) / d["ms"] - 1 for d in data["decode"]]
+    pre = [model.prefill_ms(p["tokens"]) / p["ms"] - 1 for p in data.get("prefill", [])]
+    worst = lambda xs: max((abs(x) for x in xs), default=0.0)
+    return {"decode_max_rel_err": worst(dec), "prefill_max_rel_err": worst(pre),
+            "prefill_rel_err": [round(x, 3) for x in pre]}
+
+
 # --------------------------------------------------------------------------- fitting
 
 def _lstsq_nonneg(rows: list[list[float]], y: list[float]) -> list[float]:
@@ -116,16 +132,23 @@ def fit_engine_bench(data: dict, name: str = "fitted") -> LatencyModel:
         raise ValueError("engine bench JSON needs >= 3 decode points (batch, context_tokens, ms)")
     base, per_seq, per_ctx = _lstsq_nonneg(
         [[1.0, d["batch"], d["context_tokens"]] for d in dec], [d["ms"] for d in dec])
-    tok, attn = 0.0, 0.0
+    tok, attn, floor = 0.0, 0.0, 0.0
     if pre:  # base is shared with decode: fit what the prompt adds on top of it
-        tok, attn = _lstsq_nonneg([[p["tokens"], p["tokens"] ** 2 / 2] for p in pre],
-                                  [p["ms"] - base for p in pre])
+        extra = sorted((p["tokens"], p["ms"] - base) for p in pre)
+        low = min(e for _, e in extra)
+        flat = [e for _, e in extra if e <= 1.2 * low]   # the launch-bound floor, if any
+        floor = sorted(flat)[len(flat) // 2] if len(flat) >= 2 else 0.0
+        above = [(t, e) for t, e in extra if e > 1.2 * low] if floor else extra
+        if above:
+            tok, attn = _lstsq_nonneg([[t, t * t / 2] for t, _ in above], [e for _, e in above])
+        else:
+            tok = floor / extra[-1][0]
     machine = data.get("machine", {})
     prov = {"kind": "measured (fitted to engine benchmark)", "gpu": machine.get("gpu", "?"),
             "model_shape": data.get("model", "?"), "date": data.get("date", "?"),
             "points": {"prefill": len(pre), "decode": len(dec)}}
     return LatencyModel(name=name, base_ms=base, per_seq_ms=per_seq, per_ctx_ms=per_ctx,
-                        prefill_tok_ms=tok, prefill_attn_ms=attn,
+                        prefill_tok_ms=tok, prefill_attn_ms=attn, prefill_floor_ms=floor,
                         kv_blocks_total=int(data.get("kv_blocks_total", 100_000)),
                         kv_block_size=int(data.get("kv_block_size", 16)),
                         max_running=int(data.get("max_running", 256)),
