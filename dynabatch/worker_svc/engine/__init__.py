@@ -16,7 +16,7 @@ __all__ = ["Engine", "EngineStats", "Sampling", "SequenceRequest", "TokenOutput"
            "CPU_DEFAULT_BLOCKS"]
 
 # Without a GPU there is no free memory to size the pool from: this many blocks by default.
-CPU_DEFAULT_BLOCKS = 2048
+CPU_DEFAULT_BLOCKS = 4096
 
 
 def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None = None,
