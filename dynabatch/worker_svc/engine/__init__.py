@@ -27,20 +27,20 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     """Load `model` (named shape or from_pretrained path), size the KV pool, capture graphs.
 
     On CUDA without `num_kv_blocks`, the pool takes `kv_fraction` of the memory still free once
-    the weights are loaded. `compile_decode` (default: on CUDA) runs decode steps' decoder
-    layers through torch.compile (faster steps; adds ~10 s to start-up on an H200). The
-    returned engine's `startup_s` is the measured build time.
+    the weights are loaded. `compile_decode` (default: on CUDA, for Llama-family layouts) runs
+    the decoder layers of decode steps through torch.compile (faster steps; adds ~10 s to
+    start-up on an H200). The returned engine's `startup_s` is the measured build time.
     """
     from dynabatch.wire import models
-    from dynabatch.worker_svc.engine import kv_cache, loader
+    from dynabatch.worker_svc.engine import compiled, kv_cache, loader
     from dynabatch.worker_svc.engine.engine import PagedEngine
 
     t0 = time.perf_counter()
     dev = loader.resolve_device(device)
     dt = dtype or loader.default_dtype(dev)
-    if compile_decode is None:
-        compile_decode = dev.type == "cuda"
     net = loader.load_model(model, dev, dt, seed)
+    if compile_decode is None:
+        compile_decode = dev.type == "cuda" and compiled.supports_compiled_decode(net)
     config = net.config
     if num_kv_blocks is None:
         if dev.type == "cuda":

@@ -26,12 +26,19 @@ def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor,
     return out[0] if isinstance(out, tuple) else out
 
 
+_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm")
+
+
+def supports_compiled_decode(model: PreTrainedModel) -> bool:
+    """True for the Llama-family layout this module drives."""
+    return all(hasattr(model.base_model, name) for name in _PARTS)
+
+
 def compiled_decode_forward(model: PreTrainedModel) -> Forward:
     base = model.base_model
-    for name in ("embed_tokens", "rotary_emb", "layers", "norm"):
-        if not hasattr(base, name):
-            raise ValueError(f"compile_decode needs a Llama-family model (no {name!r} on "
-                             f"{type(base).__name__})")
+    if not supports_compiled_decode(model):
+        raise ValueError(f"compile_decode needs a Llama-family model ({type(base).__name__} "
+                         f"lacks one of {_PARTS})")
     head = model.get_output_embeddings()
     layer_fn = torch.compile(_run_layer, dynamic=True)
 
