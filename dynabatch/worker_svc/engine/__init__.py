@@ -50,7 +50,7 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     kv = kv_cache.KVCache(config, num_kv_blocks, block_size, dt, dev)
     engine = PagedEngine(net, kv, dev, max_running=max_running,
                          prefill_token_budget=prefill_token_budget,
-                         max_model_len=models.max_model_len(config),
+                         max_model_len=_full_attention_len(config, models.max_model_len(config)),
                          eos_token_ids=models.eos_token_ids(config), cuda_graphs=cuda_graphs,
                          compile_decode=compile_decode,
                          seed=seed)
@@ -59,3 +59,11 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
         torch.cuda.synchronize(dev)
     engine.startup_s = time.perf_counter() - t0
     return engine
+
+
+def _full_attention_len(config, max_len: int) -> int:
+    """Our attention is full causal: cap the length where a sliding window would start to cut."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return min(max_len, int(window))
+    return max_len
