@@ -37,10 +37,26 @@ class Relay:
             now = time.monotonic()
             for batch in batches:
                 for delta in batch.deltas:
+                    if self._fast(delta, now):
+                        continue
                     try:
                         await self.handle(delta, now)
                     except QueueError as e:   # the request stays; its client may time out
                         log.warning("relay: %s for %s", e, delta.request_id)
+
+    def _fast(self, delta: TokenDelta, now: float) -> bool:
+        """The common case without a coroutine: tokens of a live request that do not end it.
+        False: `handle` must take it."""
+        if delta.finish_reason or delta.worker_lost or delta.preempted:
+            return False
+        tracked = self.table.by_id.get(delta.request_id)
+        if tracked is None or delta.attempt != tracked.item.attempt:
+            return True
+        try:
+            tracked.accept(delta, now)
+        except ValueError:
+            return False             # a gap: handle() fails it
+        return True
 
     async def handle(self, delta: TokenDelta, now: float) -> None:
         tracked = self.table.get(delta.request_id)

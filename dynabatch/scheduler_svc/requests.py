@@ -80,9 +80,12 @@ class Tracked:
         for event in self._listeners:
             event.set()
 
-    async def follow(self, offset: int, tokenizer=None) -> AsyncIterator[GenerateResponse | Failure]:
+    async def follow(self, offset: int, tokenizer=None,
+                     min_interval_s: float = 0.0) -> AsyncIterator[GenerateResponse | Failure]:
         """The stream from `offset`: everything new per message, the final one with timings; a
-        Failure last if the request failed or the stream was detached."""
+        Failure last if the request failed or the stream was detached. Messages are at least
+        `min_interval_s` apart: when steps are faster than that, tokens are coalesced (one gRPC
+        message per window instead of one per step); when they are slower it costs nothing."""
         event = asyncio.Event()
         self._listeners.add(event)
         detok = IncrementalDetokenizer(tokenizer, self.output[:offset]) if tokenizer else None
@@ -100,6 +103,8 @@ class Tracked:
                     pos = n
                     if done:
                         return
+                    if min_interval_s:
+                        await asyncio.sleep(min_interval_s)
                     continue
                 if self.failure or self.detached:
                     yield self.failure or self.detached

@@ -65,7 +65,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"not admitted: {admission.reason}; retry after {ms} ms")
         tracked = self.table.add(item)
-        await context.send_initial_metadata((("x-request-id", item.request_id),))
+        if not request.request_id:      # a client-chosen id is known to the client already
+            await context.send_initial_metadata((("x-request-id", item.request_id),))
         try:
             await self.queue.submit(item)
         except QueueError as e:
@@ -106,7 +107,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         tokenizer = None if skip_text or model is None else model.tokenizer
         tracked.streams += 1
         try:
-            async for msg in tracked.follow(offset, tokenizer):
+            async for msg in tracked.follow(offset, tokenizer, self.limits.stream_flush_s):
                 if isinstance(msg, Failure):
                     if msg is tracked.failure:
                         context.set_trailing_metadata(ENDED)

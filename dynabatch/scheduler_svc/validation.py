@@ -33,6 +33,8 @@ class Limits:
     # Share of a request's TTFT target that admission control keeps free of queueing (prefill,
     # first step, error of the wait estimate): admitted only if the wait fits in the rest.
     admission_headroom: float = 0.3
+    # Least time between two messages of a stream: faster steps are coalesced into one message.
+    stream_flush_s: float = 0.02
 
 
 def validate(req: GenerateRequest, models: dict[str, ModelInfo], default_model: str,

@@ -40,6 +40,11 @@ class FakeEngine:
         self._step_ms = 0.0
         self._batch = 0.0
 
+    @property
+    def inline_step(self) -> bool:
+        """Steps are trivial (no delay): the worker runs them on its event loop, no thread hop."""
+        return not self.step_delay_s
+
     def _blocks(self, seq: _Seq) -> int:
         return -(-(seq.tokens + 1) // self.block_size)
 

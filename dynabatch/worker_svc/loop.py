@@ -29,6 +29,7 @@ class WorkerConfig:
     heartbeat_ttl_s: float = 3.0    # a worker silent this long counts as dead
     idle_poll_s: float = 0.05       # how long an idle worker blocks waiting for work
     max_pull: int = 64              # assignments taken per iteration
+    publish_interval_s: float = 0.005   # steps faster than this are published together
     backoff_max_s: float = 1.0      # longest wait between retries while the queue is down
 
 
@@ -51,7 +52,11 @@ class WorkerLoop:
         self.drain = True        # on stop: finish running requests (False: abort them)
         self._feedback: WorkerFeedback | None = None  # refreshed between steps (engine thread-safety)
         self._feedback_at = 0.0
-        self._unsent: list[TokenOutput] = []          # outputs whose publish failed (queue down)
+        # Outputs not yet published, merged per request: steps faster than publish_interval_s
+        # share one write (and one delta per request); kept for a retry while the queue is down.
+        self._pending: dict[str, TokenOutput] = {}
+        self._errors: dict[str, str] = {}
+        self._last_publish = 0.0
         self._epoch: str | None = None
         self._lost = False       # the queue lost its data (Redis restarted): drop all work
         self._backoff = Backoff(max_s=config.backoff_max_s)
@@ -85,7 +90,8 @@ class WorkerLoop:
         for rid in list(self.owner):
             self.engine.abort(rid)
         self.owner.clear()
-        self._unsent.clear()
+        self._pending.clear()
+        self._errors.clear()
 
     async def _iteration(self) -> None:
         if self._lost:
@@ -93,7 +99,7 @@ class WorkerLoop:
                         self.cfg.worker_id, len(self.owner))
             self._abort_all()
             self._lost = False
-        if self._unsent:
+        if self._pending or self._errors:
             await self._publish([])
         busy = self.engine.has_work()
         if self.accepting:
@@ -106,12 +112,21 @@ class WorkerLoop:
                 if self.engine.abort(rid):
                     await self._publish([TokenOutput(rid, [], 0, "abort")])
         if self.engine.has_work():
-            outputs = await asyncio.to_thread(self.engine.step)
-            await self._publish(outputs)
+            outputs = await self._step()
+            due = time.perf_counter() - self._last_publish >= self.cfg.publish_interval_s
+            await self._publish(outputs, flush=due or not self.engine.has_work())
             self._step_done()
         else:
             self._last_step_end = None
         self._refresh_feedback()
+
+    async def _step(self) -> list[TokenOutput]:
+        """One engine step: in a thread (the event loop stays responsive), or inline for an
+        engine whose steps are trivial (then yielding to the loop once per step)."""
+        if getattr(self.engine, "inline_step", False):
+            await asyncio.sleep(0)
+            return self.engine.step()
+        return await asyncio.to_thread(self.engine.step)
 
     def _step_done(self) -> None:
         now = time.perf_counter()
@@ -131,16 +146,21 @@ class WorkerLoop:
             log.error("worker %s rejected %s: %s", self.cfg.worker_id, item.request_id, e)
             await self._publish([], errors={item.request_id: str(e)})
 
-    async def _publish(self, outputs: list[TokenOutput], errors: dict[str, str] | None = None) -> None:
-        """Send one step's deltas (one write per scheduler); kept for a retry if the queue is down."""
-        outputs = self._unsent + outputs
+    async def _publish(self, outputs: list[TokenOutput], errors: dict[str, str] | None = None,
+                       flush: bool = True) -> None:
+        """Add outputs to the pending deltas; with `flush`, send them all (one write per
+        scheduler). Pending deltas survive a failed write and go with the next one."""
+        self._merge(outputs)
+        self._errors.update(errors or {})
+        if not flush or not (self._pending or self._errors):
+            return
         batches: dict[str, TokenDeltaBatch] = defaultdict(TokenDeltaBatch)
         done = []
-        for out in outputs:
+        for out in self._pending.values():
             delta = self._delta(out.request_id, out.token_ids, out.offset, out.finish_reason, batches)
             if delta is not None and out.finish_reason:
                 done.append(out.request_id)
-        for rid, why in (errors or {}).items():
+        for rid, why in self._errors.items():
             delta = self._delta(rid, [], 0, None, batches)
             if delta is not None:
                 delta.finish_reason, delta.error = FinishReason.FINISH_REASON_ERROR, why
@@ -148,14 +168,25 @@ class WorkerLoop:
         now = time.time_ns()
         for batch in batches.values():
             batch.step_end_unix_ns = now
-        self._unsent = outputs
         if batches:
             await self.queue.publish(dict(batches))
-        self._unsent = []
+        self._pending, self._errors = {}, {}
+        self._last_publish = time.perf_counter()
         for rid in done:
             self.owner.pop(rid, None)
         if done:
             await self.queue.ack(self.cfg.worker_id, done)
+
+    def _merge(self, outputs: list[TokenOutput]) -> None:
+        """Consecutive outputs of one request become one (contiguous tokens, last finish)."""
+        for out in outputs:
+            prev = self._pending.get(out.request_id)
+            if prev is None or prev.finish_reason:
+                self._pending[out.request_id] = TokenOutput(out.request_id, list(out.token_ids),
+                                                            out.offset, out.finish_reason)
+            else:
+                prev.token_ids.extend(out.token_ids)
+                prev.finish_reason = out.finish_reason
 
     def _delta(self, rid: str, token_ids: list[int], offset: int, finish: str | None,
                batches: dict[str, TokenDeltaBatch]) -> TokenDelta | None:
