@@ -13,6 +13,6 @@ export LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 /tmp/redis/usr/bin/redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp
 for _ in $(seq 50); do python3 -c "import redis; redis.Redis(socket_connect_timeout=1).ping()" 2>/dev/null && break; sleep 0.2; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
-python3 -m dynabatch.bench.sidecar --model llama-3.2-1b-shape --device cuda \
+timeout 300 python3 -m dynabatch.bench.sidecar --model llama-3.2-1b-shape --device cuda \
   --requests "${SIDECAR_REQUESTS:-256}" --prompt 256 --output 256 \
   --out "$OUT/sidecar_h200.json" 2>&1 | tee "$OUT/sidecar.log"

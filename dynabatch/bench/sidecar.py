@@ -127,7 +127,7 @@ def _added(direct: dict, stack: dict) -> dict:
 def run(a: argparse.Namespace) -> dict:
     from dynabatch.worker_svc.engine import build_engine
     offline = offline_trace(a.requests, a.prompt, a.output)
-    engine = build_engine(a.model, device=a.device, max_running=a.max_running)
+    engine = build_engine(a.model, device=a.device, max_running=a.max_running, kv_fraction=0.4)
     drive_direct(engine, offline_trace(min(8, a.requests), a.prompt, 8), a.vocab, 1)  # warm-up
     direct_off = summarize(drive_direct(engine, offline, a.vocab, a.seed))
     rate = a.load * direct_off["throughput_rps"]
