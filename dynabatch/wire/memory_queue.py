@@ -36,7 +36,7 @@ class MemoryQueue:
     """Embedded backend. Messages are copied (serialised) so no object is shared across sides."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, bytes] = {}          # insertion order = arrival order
+        self._waiting: dict[str, WorkItem] = {}       # insertion order = arrival order
         self._pending: dict[str, dict[str, bytes]] = defaultdict(dict)   # worker -> unacked
         self._assign: dict[str, _Mailbox] = defaultdict(_Mailbox)
         self._control: dict[str, list[WorkerControl]] = defaultdict(list)
@@ -44,10 +44,10 @@ class MemoryQueue:
         self._workers: dict[str, tuple[float, bytes]] = {}
 
     async def submit(self, item: WorkItem) -> None:
-        self._waiting[item.request_id] = item.SerializeToString()
+        self._waiting[item.request_id] = WorkItem.FromString(item.SerializeToString())
 
     async def waiting(self) -> list[WorkItem]:
-        return [WorkItem.FromString(b) for b in self._waiting.values()]
+        return list(self._waiting.values())      # parsed once (the Redis backend caches too)
 
     async def assign(self, worker_id: str, items: list[WorkItem]) -> list[str]:
         expiry = self._workers.get(worker_id, (0.0, b""))[0]
@@ -69,7 +69,7 @@ class MemoryQueue:
     async def requeue(self, item: WorkItem) -> None:
         for pending in self._pending.values():
             pending.pop(item.request_id, None)
-        self._waiting[item.request_id] = item.SerializeToString()
+        self._waiting[item.request_id] = WorkItem.FromString(item.SerializeToString())
 
     async def read_deltas(self, scheduler_id: str, timeout_s: float) -> list[TokenDeltaBatch]:
         raw = await self._out[scheduler_id].take(1 << 30, timeout_s)
