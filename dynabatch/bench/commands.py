@@ -157,8 +157,11 @@ def cmd_capacity(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from dynabatch.bench import report
     t = trace_from_args(a)
+    grid = tuple(float(x) for x in a.grid.split(",")) if a.grid else report.GRID
+    if 1.0 not in grid:
+        grid = grid + (1.0,)
     data, runs = report.build(t, sim_config(a, "dynamic"), _policies(a), jobs=a.jobs,
-                              load_rps=a.load_rps, goal=a.goal)
+                              load_rps=a.load_rps, goal=a.goal, grid=grid)
     command = a.command_line or "dynabatch bench " + " ".join(map(shlex.quote, sys.argv[1:]))
     notes = Path(a.notes).read_text() if a.notes else ""
     md = report.write(data, runs, Path(a.out), command, notes)
@@ -215,6 +218,8 @@ def add_subcommands(subparsers) -> None:
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--load-rps", type=float, help="load of the table and plots (default: the "
                    "highest capacity found)")
+    r.add_argument("--grid", help="load sweep as multiples of the table load, e.g. 0.5,1,1.5 "
+                   "(default 0.25,0.5,0.75,1,1.25,1.5)")
     r.add_argument("--out", default="bench/results/report")
     r.add_argument("--notes", help="Markdown file appended to the report (the analysis)")
     r.add_argument("--command-line", help="the command to print in the report")

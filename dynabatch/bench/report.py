@@ -39,7 +39,8 @@ def _progress():
 
 
 def build(trace: Trace, cfg: SimConfig, policies: list[str], jobs: int = 2,
-          load_rps: float | None = None, goal: float = 0.99) -> tuple[dict, dict[str, RunResult]]:
+          load_rps: float | None = None, goal: float = 0.99,
+          grid: tuple[float, ...] = GRID) -> tuple[dict, dict[str, RunResult]]:
     """Run the searches and the sweep; returns (report data, full runs at the reference load)."""
     t0 = time.perf_counter()
     cfgs = {p: replace(cfg, policy=p) for p in policies}
@@ -53,7 +54,7 @@ def build(trace: Trace, cfg: SimConfig, policies: list[str], jobs: int = 2,
             caps[res.policy] = res
             bar.advance(task)
         ref = load_rps or max(c.capacity_rps for c in caps.values()) or trace.mean_rps
-        jobs_list = [(trace, cfgs[p], ref * g, g == 1.0) for p in policies for g in GRID]
+        jobs_list = [(trace, cfgs[p], ref * g, g == 1.0) for p in policies for g in grid]
         task = bar.add_task(f"load sweep (ref {ref:.2f} req/s)", total=len(jobs_list))
         sweep: dict[str, list[dict]] = {p: [] for p in policies}
         runs: dict[str, RunResult] = {}
