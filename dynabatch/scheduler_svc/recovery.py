@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 
 import grpc
@@ -22,6 +23,8 @@ from dynabatch.wire.backoff import Backoff
 from dynabatch.wire.queue import Queue, QueueError
 
 log = logging.getLogger("dynabatch.scheduler")
+TRIM_EVERY_S = 5.0
+TRIM_MARGIN_MS = 30_000
 
 
 class Recovery:
@@ -33,6 +36,7 @@ class Recovery:
         self.epoch: str | None = None
         self.reclaimed = 0
         self._unsent: list[WorkItem] = []      # reclaimed, not yet announced (queue went down)
+        self._trimmed_at = 0.0
 
     async def restore(self) -> int:
         """Track again the requests this scheduler had in the queue; returns how many."""
@@ -67,6 +71,18 @@ class Recovery:
         self._unsent += await self.queue.reclaim_dead()
         if self._unsent:
             await self._notify_lost()
+        await self._trim()
+
+    async def _trim(self) -> None:
+        """Every TRIM_EVERY_S, drop deltas older than the oldest request in flight (less a margin
+        for clock skew): a restart replays the token stream, and only live requests need it."""
+        now = time.time()
+        if now - self._trimmed_at < TRIM_EVERY_S:
+            return
+        self._trimmed_at = now
+        oldest_ns = min((t.item.arrival_unix_ns for t in self.table.by_id.values()),
+                        default=time.time_ns())
+        await self.queue.trim_deltas(self.scheduler_id, oldest_ns // 1_000_000 - TRIM_MARGIN_MS)
 
     async def _notify_lost(self) -> None:
         batches: dict[str, TokenDeltaBatch] = defaultdict(TokenDeltaBatch)

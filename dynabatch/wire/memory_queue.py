@@ -99,6 +99,9 @@ class MemoryQueue:
     async def recover(self, scheduler_id: str) -> list[WorkItem]:
         return []          # nothing outlives the process
 
+    async def trim_deltas(self, scheduler_id: str, before_unix_ms: int) -> None:
+        return None        # read deltas are gone already
+
     async def epoch(self) -> str:
         return "memory"
 

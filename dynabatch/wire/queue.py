@@ -66,6 +66,9 @@ class Queue(Protocol):
     async def recover(self, scheduler_id: str) -> list[WorkItem]:
         """Requests of this scheduler still in the queue (waiting or assigned): after a restart."""
 
+    async def trim_deltas(self, scheduler_id: str, before_unix_ms: int) -> None:
+        """Drop this scheduler's token deltas published before that time (already relayed)."""
+
     async def epoch(self) -> str:
         """A token that changes only when the backend lost its data (Redis restarted empty)."""
 

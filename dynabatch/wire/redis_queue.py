@@ -247,6 +247,11 @@ class RedisQueue:
             return None
 
     @_guarded
+    async def trim_deltas(self, scheduler_id: str, before_unix_ms: int) -> None:
+        await self.redis.xtrim(self._k("out", scheduler_id), minid=f"{max(0, before_unix_ms)}-0",
+                               approximate=True)
+
+    @_guarded
     async def epoch(self) -> str:
         value = await self._epoch_script(keys=[self._k("epoch")], args=[uuid.uuid4().hex])
         return value.decode(errors="replace")

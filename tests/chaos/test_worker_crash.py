@@ -47,7 +47,7 @@ async def test_poison_request_fails_internal_then_no_worker_left(redis_stack, pr
         assert poison.failed == {"INTERNAL": 1}
         # A bystander that ran next to the poison on both crashed workers is indistinguishable
         # from it (and fails the same way); the rest resumed elsewhere and completed exactly.
-        assert set(ledger.failed) <= {"INTERNAL"} and ledger.completed >= 4
+        assert set(ledger.failed) <= {"INTERNAL"} and ledger.completed >= 2
         assert sum(not w.alive() for w in workers) == 2
         assert all(w.popen.returncode in (70, None) for w in workers)
 
