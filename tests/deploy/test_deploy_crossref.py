@@ -354,3 +354,20 @@ def test_adapter_rules_read_metrics_the_code_exports():
         if "prometheus_client" not in PACKAGE_SOURCE:
             pytest.skip("the code exports no Prometheus metrics yet")
         assert series in PACKAGE_SOURCE, f"no code exports {series}"
+
+
+@params
+def test_scrape_annotations_name_a_metrics_port(rendered, overlay):
+    """prometheus.io/* pod annotations (what Prometheus' kubernetes-pods job follows) point at a
+    port the container declares and the process opens."""
+    objs = rendered(overlay)
+    for w in workloads(objs):
+        notes = w["spec"]["template"]["metadata"].get("annotations", {})
+        if notes.get("prometheus.io/scrape") != "true":
+            continue
+        port = int(notes["prometheus.io/port"])
+        assert notes.get("prometheus.io/path", "/metrics").startswith("/")
+        c = pod_spec(w)["containers"][0]
+        assert resolve_port(c, "metrics") == port, f"{component(w)}: annotation vs metrics port"
+        if component(w) in DYNABATCH:
+            assert port in flag_ports(parse(objs, c))
