@@ -40,6 +40,7 @@ class Tracked:
     final_timings: Timings | None = None
     failure: Failure | None = None                   # ends every stream with this status
     detached: Failure | None = None                  # ends the streams only (request lives on)
+    detached_gen: int = 0                            # streams started before a detach end
     streams: int = 0                                 # client streams following it now
     _listeners: set[asyncio.Event] = field(default_factory=set)
 
@@ -73,7 +74,7 @@ class Tracked:
 
     def detach(self, why: Failure) -> None:
         """End the client streams (they may Resume), keep the request."""
-        self.detached = why
+        self.detached, self.detached_gen = why, self.detached_gen + 1
         self._notify()
 
     def _notify(self) -> None:
@@ -89,7 +90,7 @@ class Tracked:
         event = asyncio.Event()
         self._listeners.add(event)
         detok = IncrementalDetokenizer(tokenizer, self.output[:offset]) if tokenizer else None
-        pos = offset
+        pos, gen = offset, self.detached_gen
         try:
             while True:
                 event.clear()
@@ -106,7 +107,7 @@ class Tracked:
                     if min_interval_s:
                         await asyncio.sleep(min_interval_s)
                     continue
-                if self.failure or self.detached:
+                if self.failure or self.detached_gen != gen:
                     yield self.failure or self.detached
                     return
                 await event.wait()
