@@ -91,28 +91,69 @@ def phase(target: str, pid: int, name: str, seconds: float, procs: int, concurre
             "client_cpu_cores": round(total["client_cpu_s"] / wall, 2)}
 
 
+def _in_process(workers: int, max_running: int) -> tuple[list[subprocess.Popen], str]:
+    stack = subprocess.Popen([sys.executable, "-m", "dynabatch.bench.load", "--serve",
+                              "--workers", str(workers), "--max-running", str(max_running)],
+                             stdout=subprocess.PIPE, text=True)
+    return [stack], f"127.0.0.1:{int(stack.stdout.readline())}"
+
+
+def _separate(redis_url: str, max_running: int) -> tuple[list[subprocess.Popen], str]:
+    """Scheduler (first: its CPU is measured) and one fake worker, as separate processes."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prefix = f"dynabatch-load-{os.getpid()}:"
+    cli = [sys.executable, "-m", "dynabatch.cli"]
+    common = ["--redis-url", redis_url, "--redis-prefix", prefix, "--log-level", "WARNING"]
+    sched = subprocess.Popen([*cli, "scheduler", *common, "--listen", f"127.0.0.1:{port}",
+                              "--policy", "fcfs", "--policy-opt", f"max_num_seqs={max_running}",
+                              "--policy-opt", f"b_max={max_running}"])
+    worker = subprocess.Popen([*cli, "worker", *common, "--engine", "fake", "--max-running",
+                               str(max_running), "--health-listen", "127.0.0.1:0"])
+    target = f"127.0.0.1:{port}"
+    asyncio.run(_until_serving(target))
+    return [sched, worker], target
+
+
+async def _until_serving(target: str, timeout_s: float = 60) -> None:
+    async with AsyncDynabatchClient(target, timeout=5) as client:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if (await client.stats()).workers:
+                    return
+            except DynabatchError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the scheduler did not come up")
+            await asyncio.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=15)
     p.add_argument("--client-procs", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="in-process fake workers")
     p.add_argument("--max-running", type=int, default=512)
-    p.add_argument("--json", help="write results here (and a .md beside it)")
+    p.add_argument("--redis-url", help="run `dynabatch scheduler` and `dynabatch worker --engine "
+                   "fake` as separate processes meeting in this Redis; CPU is the scheduler's alone")
+    p.add_argument("--json", help="write results here")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
         asyncio.run(_serve(args.workers, args.max_running))
         return 0
-    stack = subprocess.Popen([sys.executable, "-m", "dynabatch.bench.load", "--serve",
-                              "--workers", str(args.workers), "--max-running", str(args.max_running)],
-                             stdout=subprocess.PIPE, text=True)
+    procs, target = (_separate(args.redis_url, args.max_running) if args.redis_url
+                     else _in_process(args.workers, args.max_running))
     try:
-        target = f"127.0.0.1:{int(stack.stdout.readline())}"
-        phases = [phase(target, stack.pid, "admissions", args.seconds, args.client_procs, 256, 1),
-                  phase(target, stack.pid, "streaming", args.seconds, args.client_procs, 256, 2000)]
+        phases = [phase(target, procs[0].pid, "admissions", args.seconds, args.client_procs, 256, 1),
+                  phase(target, procs[0].pid, "streaming", args.seconds, args.client_procs, 256, 2000)]
     finally:
-        stack.kill()
-        stack.wait()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
     result = {"command": "python -m dynabatch.bench.load " + " ".join(argv or sys.argv[1:]),
               "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                           "python": platform.python_version()},

@@ -19,6 +19,7 @@ Connection errors surface as QueueUnavailable; callers retry with backoff.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -37,6 +38,7 @@ from dynabatch.wire.queue import QueueError, QueueUnavailable
 log = logging.getLogger("dynabatch.queue")
 GROUP = "workers"
 OUT_MAXLEN = 100_000
+MAX_CONNECTIONS = 32
 
 
 def _guarded(method):
@@ -65,8 +67,11 @@ def redact(url: str) -> str:
 class RedisQueue:
     def __init__(self, url: str, prefix: str = "dynabatch:") -> None:
         # AUTH (redis://user:pass@...) and TLS (rediss://, ?ssl_ca_certs=...) come with the URL.
-        self.redis = aioredis.from_url(url, decode_responses=False, socket_connect_timeout=2,
-                                       socket_timeout=10, health_check_interval=5)
+        # A blocking pool: under a burst, calls wait for a free connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=10, decode_responses=False,
+            socket_connect_timeout=2, socket_timeout=10, health_check_interval=5)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self.url = redact(url)
         self.p = prefix
         self._assign_script = self.redis.register_script(redis_scripts.ASSIGN)
@@ -76,6 +81,8 @@ class RedisQueue:
         self._out_last: dict[str, bytes] = {}       # scheduler -> last stream id read
         self._groups: set[str] = set()              # workers whose consumer group exists
         self._entries: dict[str, bytes] = {}        # request id -> assign stream entry id
+        self._submits: list[tuple[WorkItem, asyncio.Future]] = []   # waiting for one write
+        self._tasks: set[asyncio.Task] = set()
 
     def _k(self, *parts: str) -> str:
         return self.p + ":".join(parts)
@@ -94,9 +101,33 @@ class RedisQueue:
     # -- scheduler side
     @_guarded
     async def submit(self, item: WorkItem) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            self._put_waiting(pipe, item)
-            await pipe.execute()
+        """Submits made in the same event-loop turn share one transaction (one round trip)."""
+        future = asyncio.get_running_loop().create_future()
+        self._submits.append((item, future))
+        if len(self._submits) == 1:
+            asyncio.get_running_loop().call_soon(self._spawn_write)
+        await future
+
+    def _spawn_write(self) -> None:
+        task = asyncio.ensure_future(self._write_submits())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_submits(self) -> None:
+        batch, self._submits = self._submits, []
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for item, _ in batch:
+                    self._put_waiting(pipe, item)
+                await pipe.execute()
+        except Exception as e:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+        else:
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
 
     def _put_waiting(self, pipe, item: WorkItem) -> None:
         pipe.hset(self._k("req", item.request_id),
