@@ -28,6 +28,7 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "dynamic, no admission control": ("dynamic", {}, False),
     "dynamic, neither": ("dynamic", {"reserve_output": False}, False),
     "dynamic, fixed controller (no Alg. 1/2)": ("dynamic", {"controller": "fixed"}, True),
+    "dynamic, FIFO order (no priority score)": ("dynamic", {"ordering": "fifo"}, True),
     "multibin": ("multibin", {}, True),
     "multibin, no output reservation": ("multibin", {"reserve_output": False}, True),
 }
