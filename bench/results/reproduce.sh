@@ -37,8 +37,8 @@ if [[ "${SKIP_ABLATION:-0}" != 1 ]]; then   # one mechanism off at a time, near 
   python -m dynabatch.bench.ablation --trace "$TRACE" --first 4000 --model h200-llama8b-kv8g \
     --kv-blocks 1024 --rps 3.5 "${SLA[@]}" --jobs "$JOBS" \
     --out bench/results/ablation_h200-llama8b-kv2g > /dev/null
-  python -m dynabatch.bench.ablation --trace "$TRACE" --first 4000 \
-    --model bench/results/engine_h200.json --rps 77 "${SLA[@]}" --jobs "$JOBS" \
+  python -m dynabatch.bench.ablation --trace "$TRACE" --first 8000 \
+    --model bench/results/engine_h200.json --rps 75 "${SLA[@]}" --jobs "$JOBS" \
     --out bench/results/ablation_engine-h200-llama1b > /dev/null
   echo "wrote bench/results/ablation_*"
 fi
