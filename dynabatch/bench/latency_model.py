@@ -95,7 +95,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LatencyModel:
         raise FileNotFoundError(f"no latency model {name_or_path!r} (shipped: {known})")
     data = json.loads(path.read_text())
     if "prefill" in data and "decode" in data and "base_ms" not in data:
-        return fit_engine_bench(data, name=path.stem)
+        model = fit_engine_bench(data, name=path.stem)
+        model.provenance.update(source=str(path), fit=fit_residuals(model, data),
+                                bench_command=data.get("command", "?"))
+        return model
     return LatencyModel(**data)
 
 
