@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dynabatch.scheduler_svc.policy import PolicyConfig
-from dynabatch.scheduler_svc.policy.priority import (base_key, deadline_of, deadline_pressure,
-                                                     first, key_at, score, short_bonus)
+from dynabatch.scheduler_svc.policy.priority import (PRESSURE_CAP, base_key, deadline_of,
+                                                     deadline_pressure, first, key_at, score,
+                                                     short_bonus, ttft_budget)
 
 from .helpers import req
 
@@ -19,7 +20,7 @@ def order(reqs, preds, now, cfg=CFG):
     firsts = sorted((r for r in reqs if first(r, now, cfg)), key=lambda r: r.arrival_s)
     rest = sorted((r for r in reqs if not first(r, now, cfg)),
                   key=lambda r: key_at(base_key(r, preds[r.request_id], cfg), deadline_of(r),
-                                       now, cfg))
+                                       now, cfg, ttft_budget(r, cfg)))
     return [r.request_id for r in firsts + rest]
 
 
@@ -34,13 +35,28 @@ def test_urgency_grows_with_waiting():
     assert score(r, 64, 5.0, CFG) - score(r, 64, 0.0, CFG) == pytest.approx(0.5)
 
 
-def test_deadline_pressure():
-    assert deadline_pressure(None, 0.0, CFG) == 0.0
-    assert deadline_pressure(20.0, 0.0, CFG) == 0.0      # slack >= max_wait
-    assert deadline_pressure(5.0, 0.0, CFG) == 0.5
-    assert deadline_pressure(-1.0, 0.0, CFG) == 1.0
+def test_deadline_pressure_is_relative_to_the_ttft_budget():
+    u = CFG.short_job_weight + 1.0                        # in units of bonus + waited range
+    assert deadline_pressure(None, 0.0, CFG, 2.0) == 0.0
+    assert deadline_pressure(20.0, 0.0, CFG, 2.0) == 0.0  # slack >= budget
+    assert deadline_pressure(2.0, 0.0, CFG, 2.0) == 0.0
+    assert deadline_pressure(1.0, 0.0, CFG, 2.0) == pytest.approx(u)       # half the budget
+    assert deadline_pressure(0.5, 0.0, CFG, 2.0) == pytest.approx(3 * u)
+    assert deadline_pressure(0.0, 0.0, CFG, 2.0) == PRESSURE_CAP * u      # missed: capped
+    assert deadline_pressure(-1.0, 0.0, CFG, 2.0) == PRESSURE_CAP * u
+    assert deadline_pressure(10.0, 0.0, CFG, 20.0) == pytest.approx(u)     # own, longer budget
     assert deadline_of(req("a", at=1.0, ttft=2.0, deadline=10.0)) == 3.0
     assert deadline_of(req("a", at=1.0, deadline=10.0)) == 10.0
+
+
+def test_ttft_threatened_long_request_is_not_overtaken_by_short_ones():
+    """Same 2 s TTFT target: a long request past half its budget goes before fresh short
+    ones (scaled by max_wait, its pressure rose 0.2 over the 2 s and they overtook it)."""
+    preds = {"long": 4000, "short": 1}
+    early = [req("long", at=0.0, ttft=2.0), req("short", at=0.2, ttft=2.0)]
+    assert order(early, preds, 0.2) == ["short", "long"]      # long has 90% of its budget
+    late = [req("long", at=0.0, ttft=2.0), req("short", at=1.0, ttft=2.0)]
+    assert order(late, preds, 1.0) == ["long", "short"]       # half of it left
 
 
 def test_short_job_first_among_equals():
@@ -106,7 +122,7 @@ def test_float_key_orders_like_the_tuple(a, b, weight, epoch):
         return (-(r.priority or 2), not r.resumed, -score(r, p, now, cfg))
 
     def flt(r, p):
-        return key_at(base_key(r, p, cfg), deadline_of(r), now, cfg)
+        return key_at(base_key(r, p, cfg), deadline_of(r), now, cfg, ttft_budget(r, cfg))
 
     ta, tb, fa, fb = tup(ra, pa), tup(rb, pb), flt(ra, pa), flt(rb, pb)
     if abs(ta[2] - tb[2]) > 1e-5 or ta[:2] != tb[:2]:      # ignore float ties

@@ -14,13 +14,13 @@ from . import admission
 from .bins import BinBoundaries
 from .config import PolicyConfig, preset
 from .predict import HistoryPredictor, LengthPredictor
-from .priority import base_key, deadline_of, fifo_key, key_at
+from .priority import base_key, deadline_of, fifo_key, key_at, ttft_budget
 from .sla import SlaController
 from .slots import WorkerSlot, clamp_bin, dominant_bin, eligible
 from .targets import Sample, dynamic_targets, fixed_targets, hard_cap, queue_sample
 from .types import Admission, Decision, Waiting, WorkerView
 
-_Entry = tuple[int, int, float, float | None]  # pred, bin, base key, deadline
+_Entry = tuple[int, int, float, float | None, float]  # pred, bin, key, deadline, TTFT
 
 
 class BatchingPolicy:
@@ -116,7 +116,7 @@ class BatchingPolicy:
             pred = self.predictor.predict(req.prompt_tokens, req.max_tokens,
                                           req.expected_output_tokens)
             bin_ = self.bins.bin_of(req.prompt_tokens if c.bin_key == "prompt" else pred)
-            hit = (pred, bin_, base_key(req, pred, c), deadline_of(req))
+            hit = (pred, bin_, base_key(req, pred, c), deadline_of(req), ttft_budget(req, c))
             self._cache[req.request_id] = hit
         return hit
 
@@ -216,7 +216,7 @@ class BatchingPolicy:
             if r.resumed if fifo else r.arrival_s <= cutoff:        # priority.first, inlined
                 firsts.append(r)
             else:
-                keys.append(e[2] if e[3] is None else key_at(e[2], e[3], now, c))
+                keys.append(e[2] if e[3] is None else key_at(e[2], e[3], now, c, e[4]))
                 rest.append(r)
         room = sum(s.room() for s in slots)
         firsts.sort(key=lambda r: r.arrival_s)
