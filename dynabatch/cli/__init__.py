@@ -22,6 +22,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-prefix", default=os.environ.get("DYNABATCH_REDIS_PREFIX", "dynabatch:"),
                    help="key prefix in Redis (default dynabatch:)")
     p.add_argument("--log-level", default=os.environ.get("DYNABATCH_LOG_LEVEL", "INFO"))
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="export traces over OTLP/gRPC here, e.g. http://localhost:4317 (default: "
+                        "OTEL_EXPORTER_OTLP_ENDPOINT; neither set: no tracing)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics port (env DYNABATCH_METRICS_PORT; default 9090 for "
+                        "scheduler, 9091 for worker, off for up)")
 
 
 def _policy_args(p: argparse.ArgumentParser) -> None:
@@ -181,6 +187,8 @@ async def _serve(args) -> int:
     from dynabatch.wire.redis_queue import redact
     logging.getLogger("dynabatch").info("queue: %s (prefix %s)", redact(args.redis_url),
                                         args.redis_prefix)
+    from dynabatch.wire.telemetry import setup_tracing
+    provider = setup_tracing(f"dynabatch-{args.command}", args.otlp_endpoint)
     queue = connect(args.redis_url, args.redis_prefix)
     try:
         if args.command == "scheduler":
@@ -189,18 +197,22 @@ async def _serve(args) -> int:
             await _worker(args, queue, stop)
     finally:
         await queue.close()
+        if provider is not None:
+            provider.shutdown()       # flush the spans still batched
     return 0
 
 
 async def _scheduler(args, queue, stop: asyncio.Event) -> None:
     from dynabatch.scheduler_svc.server import SchedulerConfig, SchedulerServer
     from dynabatch.scheduler_svc.validation import Limits
+    from dynabatch.wire.telemetry import metrics_port
     cfg = SchedulerConfig(listen=args.listen, models=args.model or [DEFAULT_MODEL],
                           policy=args.policy, policy_config=args.policy_config,
                           drain_grace_s=args.drain_grace_s,
                           limits=Limits(max_prompt_tokens=args.max_prompt_tokens),
                           max_message_bytes=args.max_message_bytes, tls=_tls_files(args),
-                          auth_token=_auth_token(args))
+                          auth_token=_auth_token(args),
+                          metrics_port=metrics_port(args.metrics_port, 9090))
     if args.scheduler_id:
         cfg.scheduler_id = args.scheduler_id
     server = SchedulerServer(queue, cfg)
@@ -228,8 +240,10 @@ def _auth_token(args) -> str | None:
 async def _worker(args, queue, stop: asyncio.Event) -> None:
     from dynabatch.worker_svc.app import build, new_worker_id, run_worker
     from dynabatch.worker_svc.loop import WorkerConfig
+    from dynabatch.wire.telemetry import metrics_port
     cfg = WorkerConfig(worker_id=args.worker_id or new_worker_id(), model=args.model,
-                       heartbeat_ttl_s=args.heartbeat_ttl_s)
+                       heartbeat_ttl_s=args.heartbeat_ttl_s,
+                       metrics_port=metrics_port(args.metrics_port, 9091))
     await run_worker(queue, cfg, lambda: build(args.engine, args.model, **engine_options(args)),
                      stop, args.health_listen)
 

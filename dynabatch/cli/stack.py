@@ -9,6 +9,8 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 
+from opentelemetry.sdk.trace import TracerProvider
+
 from dynabatch.scheduler_svc.policy import PolicyConfig
 from dynabatch.scheduler_svc.server import SchedulerConfig, SchedulerServer
 from dynabatch.wire.models import DEFAULT_MODEL
@@ -28,6 +30,10 @@ class StackConfig:
     redis_url: str | None = None
     redis_prefix: str | None = None            # default: a fresh prefix per stack
     scheduler_options: dict = field(default_factory=dict)   # more SchedulerConfig fields (TLS...)
+    # Scheduler /metrics on this port, worker i on port + 1 + i (0: free ports); None: off.
+    metrics_port: int | None = None
+    # Spans go to this provider; None: the global SDK provider if one is installed, else off.
+    tracer_provider: TracerProvider | None = None
 
 
 class LocalStack:
@@ -38,6 +44,7 @@ class LocalStack:
         self.scheduler = SchedulerServer(self.queue, SchedulerConfig(
             listen="127.0.0.1:0", models=[self.cfg.model], policy=self.cfg.policy,
             policy_config=self.cfg.policy_config, drain_grace_s=2.0,
+            metrics_port=self.cfg.metrics_port, tracer_provider=self.cfg.tracer_provider,
             **self.cfg.scheduler_options))
         self.loops: list[WorkerLoop] = []
         self._stop = asyncio.Event()
@@ -55,7 +62,12 @@ class LocalStack:
 
     async def add_worker(self) -> WorkerLoop:
         engine = await asyncio.to_thread(build, self.cfg.engine, self.cfg.model, **self.cfg.engine_options)
-        loop = WorkerLoop(self.queue, engine, WorkerConfig(worker_id=new_worker_id(), model=self.cfg.model))
+        port = self.cfg.metrics_port
+        if port:
+            port += 1 + len(self.loops)
+        loop = WorkerLoop(self.queue, engine, WorkerConfig(
+            worker_id=new_worker_id(), model=self.cfg.model, metrics_port=port,
+            tracer_provider=self.cfg.tracer_provider))
         self.loops.append(loop)
         self._tasks.append(asyncio.create_task(loop.run(self._stop), name=loop.cfg.worker_id))
         return loop

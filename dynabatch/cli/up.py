@@ -92,13 +92,20 @@ def _table(summary: dict, args) -> Table:
 
 async def up(args) -> int:
     from dynabatch.cli import engine_options
+    from dynabatch.wire.telemetry import metrics_port, setup_tracing
     console = Console(stderr=True)
+    provider = setup_tracing("dynabatch", args.otlp_endpoint)
     cfg = StackConfig(model=args.model, policy=args.policy, policy_config=args.policy_config,
                       engine=args.engine,
-                      engine_options=engine_options(args), redis_url=args.redis_url)
+                      engine_options=engine_options(args), redis_url=args.redis_url,
+                      metrics_port=metrics_port(args.metrics_port, None))
     console.print(f"starting scheduler + worker ({args.engine} engine, model {args.model})...")
-    async with LocalStack(cfg) as stack:
-        summary = await run_load(stack.target, args.requests, args.max_tokens, console)
+    try:
+        async with LocalStack(cfg) as stack:
+            summary = await run_load(stack.target, args.requests, args.max_tokens, console)
+    finally:
+        if provider is not None:
+            provider.shutdown()       # flush the spans still batched
     summary["policy"], summary["model"] = args.policy, args.model
     summary["queue"] = "redis" if args.redis_url else "in-process"
     Console().print(_table(summary, args))

@@ -14,6 +14,7 @@ import grpc
 
 from dynabatch.scheduler_svc.policy import Assigned, Decision, Policy, Waiting, WorkerView
 from dynabatch.scheduler_svc.requests import Failure, RequestTable
+from dynabatch.scheduler_svc.telemetry import SchedulerTelemetry
 from dynabatch.v1.worker_pb2 import WorkerControl, WorkerFeedback, WorkItem
 from dynabatch.wire.backoff import Backoff
 from dynabatch.wire.queue import Queue, QueueError
@@ -32,9 +33,11 @@ def to_waiting(item: WorkItem) -> Waiting:
 
 class BatchingLoop:
     def __init__(self, queue: Queue, policy: Policy, table: RequestTable, scheduler_id: str,
-                 tick_s: float = 0.005, min_tick_s: float = 0.002):
+                 tick_s: float = 0.005, min_tick_s: float = 0.002,
+                 telemetry: SchedulerTelemetry | None = None):
         self.queue, self.policy, self.table, self.tick_s = queue, policy, table, tick_s
         self.min_tick_s = min_tick_s
+        self.telemetry = telemetry or SchedulerTelemetry.untraced(policy)
         self.scheduler_id = scheduler_id
         self.wake = asyncio.Event()
         self.workers: list[WorkerView] = []
@@ -81,9 +84,11 @@ class BatchingLoop:
         for model, waiting in by_model.items():
             workers = [v for v in self.workers if self.models[v.worker_id] == model]
             await self._carry_out(self.policy.decide(waiting, workers, now), items)
+        self.telemetry.tick(now, self.last_waiting, self.workers, self.running_by_worker)
 
     async def _carry_out(self, decision: Decision, items: dict[str, WorkItem]) -> None:
         self.targets.update(decision.batch_targets)
+        self.telemetry.decided(decision)
         for rid in decision.expired:
             if await self.queue.remove_waiting(rid):
                 await self.queue.finish(rid)
@@ -106,6 +111,7 @@ class BatchingLoop:
                 tracked.worker_id, tracked.assigned_at = worker_id, now
                 tracked.item.predicted_output_tokens = decision.predicted_output_tokens.get(rid, 0)
                 tracked.item.bin = decision.bins.get(rid, 0)
+                self.telemetry.assigned(tracked, worker_id, decision)
 
     def _view(self, fb: WorkerFeedback, now: float) -> WorkerView:
         assigned = tuple(

@@ -10,6 +10,7 @@ import grpc
 from dynabatch.scheduler_svc.batching import BatchingLoop
 from dynabatch.scheduler_svc.policy import Policy
 from dynabatch.scheduler_svc.requests import Failure, RequestTable, Tracked
+from dynabatch.scheduler_svc.telemetry import SchedulerTelemetry
 from dynabatch.v1.scheduler_pb2 import FinishReason
 from dynabatch.v1.worker_pb2 import TokenDelta
 from dynabatch.wire.backoff import Backoff
@@ -21,8 +22,9 @@ MAX_CRASHES = 2     # a request that was running on this many crashed workers is
 
 class Relay:
     def __init__(self, queue: Queue, scheduler_id: str, table: RequestTable, policy: Policy,
-                 batching: BatchingLoop) -> None:
+                 batching: BatchingLoop, telemetry: SchedulerTelemetry | None = None) -> None:
         self.queue, self.scheduler_id, self.table = queue, scheduler_id, table
+        self.telemetry = telemetry or batching.telemetry
         self.policy, self.batching = policy, batching
         self.backoff = Backoff()
 
@@ -52,10 +54,12 @@ class Relay:
         tracked = self.table.by_id.get(delta.request_id)
         if tracked is None or delta.attempt != tracked.item.attempt:
             return True
+        before = len(tracked.output)
         try:
             tracked.accept(delta, now)
         except ValueError:
             return False             # a gap: handle() fails it
+        self.telemetry.delta(tracked, delta, len(tracked.output) - before)
         return True
 
     async def handle(self, delta: TokenDelta, now: float) -> None:
@@ -70,6 +74,7 @@ class Relay:
             await self._end(delta.request_id, "failed",
                             Failure(grpc.StatusCode.INTERNAL, f"worker error: {delta.error}"))
         else:
+            before = len(tracked.output)
             try:
                 tracked.accept(delta, now)
             except ValueError as e:      # tokens went missing on the way (a queue outage)
@@ -77,6 +82,7 @@ class Relay:
                 await self._end(delta.request_id, "failed",
                                 Failure(grpc.StatusCode.UNAVAILABLE, f"token stream broken: {e}"))
                 return
+            self.telemetry.delta(tracked, delta, len(tracked.output) - before)
             if tracked.finished:
                 await self._finished(tracked, delta)
 

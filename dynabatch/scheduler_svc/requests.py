@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -140,7 +140,8 @@ class RequestTable:
     RECENT_KEEP = 2048          # ended requests kept for a late Resume...
     RECENT_TTL_S = 60.0         # ...for at most this long
 
-    def __init__(self) -> None:
+    def __init__(self, on_end: Callable[[Tracked, str], None] | None = None) -> None:
+        self.on_end = on_end        # told of every request that ends, with its outcome
         self.by_id: dict[str, Tracked] = {}
         self.recent: OrderedDict[str, tuple[float, Tracked]] = OrderedDict()
         self.counts = {"completed": 0, "rejected": 0, "cancelled": 0, "failed": 0}
@@ -168,6 +169,8 @@ class RequestTable:
         self.counts[outcome] += 1
         if failure is not None:
             tracked.fail(failure)
+        if self.on_end is not None:
+            self.on_end(tracked, outcome)
         self._remember(request_id, tracked)
         return tracked
 

@@ -9,20 +9,25 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
 from dynabatch.scheduler_svc.batching import BatchingLoop
 from dynabatch.scheduler_svc.handlers import add_scheduler_service
+from dynabatch.scheduler_svc.metrics import SchedulerMetrics
 from dynabatch.scheduler_svc.policy import PolicyConfig, make_policy
 from dynabatch.scheduler_svc.recovery import Recovery
 from dynabatch.scheduler_svc.relay import Relay
 from dynabatch.scheduler_svc.requests import Failure, RequestTable
 from dynabatch.scheduler_svc.security import BearerTokenAuth, TlsFiles, server_credentials
 from dynabatch.scheduler_svc.service import SchedulerService
+from dynabatch.scheduler_svc.telemetry import SchedulerTelemetry
 from dynabatch.scheduler_svc.validation import Limits, ModelInfo
 from dynabatch.v1 import scheduler_pb2
 from dynabatch.wire import models as registry
+from dynabatch.wire import telemetry
 from dynabatch.wire.backoff import Backoff
 from dynabatch.wire.queue import Queue, QueueError
+from dynabatch.wire.traced_queue import traced
 
 log = logging.getLogger("dynabatch.scheduler")
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -41,6 +46,9 @@ class SchedulerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     tls: TlsFiles | None = None              # None: plaintext
     auth_token: str | None = None            # None: no authentication
+    metrics_port: int | None = None          # Prometheus /metrics; None: not served (0: any)
+    # Spans go to this provider; None: the global SDK provider if one is installed, else off.
+    tracer_provider: TracerProvider | None = None
 
 
 def model_info(name: str) -> ModelInfo:
@@ -52,17 +60,26 @@ def model_info(name: str) -> ModelInfo:
 
 class SchedulerServer:
     def __init__(self, queue: Queue, config: SchedulerConfig) -> None:
+        tracer = telemetry.get_tracer("scheduler", config.tracer_provider)
+        queue = traced(queue, tracer)      # Redis calls of traced requests get spans
         self.cfg, self.queue = config, queue
         self.policy = make_policy(config.policy, config.policy_config)
-        self.table = RequestTable()
-        self.batching = BatchingLoop(queue, self.policy, self.table, config.scheduler_id)
-        self.relay = Relay(queue, config.scheduler_id, self.table, self.policy, self.batching)
+        self.metrics = SchedulerMetrics()
+        self.telemetry = SchedulerTelemetry(
+            self.policy, getattr(self.policy, "config", config.policy_config), tracer, self.metrics)
+        self.metrics_server = (None if config.metrics_port is None else
+                               telemetry.MetricsServer(self.metrics.registry, config.metrics_port))
+        self.table = RequestTable(on_end=self.telemetry.ended)
+        self.batching = BatchingLoop(queue, self.policy, self.table, config.scheduler_id,
+                                     telemetry=self.telemetry)
+        self.relay = Relay(queue, config.scheduler_id, self.table, self.policy, self.batching,
+                           self.telemetry)
         self.recovery = Recovery(queue, self.table, config.scheduler_id)
         models = {m: model_info(m) for m in config.models}
         self.service = SchedulerService(
             queue=queue, policy=self.policy, table=self.table, batching=self.batching,
             models=models, default_model=config.models[0], limits=config.limits,
-            scheduler_id=config.scheduler_id)
+            scheduler_id=config.scheduler_id, telemetry=self.telemetry)
         self.health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -85,6 +102,8 @@ class SchedulerServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.cfg.listen}")
         await self.server.start()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self._tasks = [asyncio.create_task(self.batching.run(self._stop), name="batching"),
                        asyncio.create_task(self.relay.run(self._stop), name="relay"),
                        asyncio.create_task(self.recovery.run(self._stop), name="recovery")]
@@ -125,4 +144,6 @@ class SchedulerServer:
             await self.server.stop(0.5)
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         log.info("scheduler %s stopped", self.cfg.scheduler_id)

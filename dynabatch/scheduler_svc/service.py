@@ -12,6 +12,7 @@ from dynabatch.scheduler_svc.batching import BatchingLoop, to_waiting
 from dynabatch.scheduler_svc.handlers import Malformed
 from dynabatch.scheduler_svc.policy import Policy, Waiting
 from dynabatch.scheduler_svc.requests import Failure, RequestTable, Tracked
+from dynabatch.scheduler_svc.telemetry import RpcTelemetry, SchedulerTelemetry
 from dynabatch.scheduler_svc.validation import InvalidRequest, Limits, ModelInfo, validate
 from dynabatch.v1 import scheduler_pb2 as pb
 from dynabatch.v1 import scheduler_pb2_grpc
@@ -34,14 +35,22 @@ async def _check(request, context) -> None:
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, *, queue: Queue, policy: Policy, table: RequestTable, batching: BatchingLoop,
                  models: dict[str, ModelInfo], default_model: str, limits: Limits,
-                 scheduler_id: str) -> None:
+                 scheduler_id: str, telemetry: SchedulerTelemetry | None = None) -> None:
         self.queue, self.policy, self.table, self.batching = queue, policy, table, batching
+        self.telemetry = telemetry or batching.telemetry
         self.models, self.default_model, self.limits = models, default_model, limits
         self.scheduler_id = scheduler_id
         self.accepting = True
         self._cleanups: set[asyncio.Task] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        with self.telemetry.rpc(request, context, self.default_model) as rpc:
+            async for msg in self._generate(request, context, rpc):
+                rpc.sent(msg)
+                yield msg
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                        rpc: RpcTelemetry):
         await _check(request, context)
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
@@ -50,6 +59,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                             self.scheduler_id, time.time_ns())
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rpc.validated(item)
         if self.table.get(item.request_id) is not None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id: {item.request_id!r} is already in flight")
@@ -60,6 +70,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self.batching.last_waiting.append(candidate)
         else:
             self.table.counts["rejected"] += 1
+            rpc.rejected(admission.reason)
             ms = max(1, int(admission.retry_after_s * 1000))
             context.set_trailing_metadata((("retry-after-ms", str(ms)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -68,7 +79,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if not request.request_id:      # a client-chosen id is known to the client already
             await context.send_initial_metadata((("x-request-id", item.request_id),))
         try:
-            await self.queue.submit(item)
+            with rpc.queued(item):
+                await self.queue.submit(item)
         except QueueError as e:
             self.table.end(item.request_id, "failed",
                            Failure(grpc.StatusCode.UNAVAILABLE, f"queue unavailable: {e}"))
@@ -89,6 +101,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return waiting
 
     async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext):
+        with self.telemetry.rpc(request, context, self.default_model) as rpc:
+            async for msg in self._resume(request, context, rpc):
+                rpc.sent(msg)
+                yield msg
+
+    async def _resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext,
+                      rpc: RpcTelemetry):
         await _check(request, context)
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
@@ -96,6 +115,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if tracked is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"request_id: {request.request_id!r} is unknown here or ended long ago")
+        rpc.validated(tracked.item)
         await context.send_initial_metadata((("x-request-id", tracked.item.request_id),))
         async for msg in self._stream(tracked, request.offset, request.skip_text, context):
             yield msg

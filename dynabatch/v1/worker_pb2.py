@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dynabatch.v1 import scheduler_pb2 as dynabatch_dot_v1_dot_scheduler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64ynabatch/v1/worker.proto\x12\x0c\x64ynabatch.v1\x1a\x1c\x64ynabatch/v1/scheduler.proto\"\xe0\x04\n\x08WorkItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.dynabatch.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.dynabatch.v1.Priority\x12\x18\n\x10resume_token_ids\x18\t \x03(\x05\x12\x14\n\x0cscheduler_id\x18\n \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\x12\x17\n\x0f\x61rrival_unix_ns\x18\x0c \x01(\x03\x12\x1f\n\x17predicted_output_tokens\x18\r \x01(\x05\x12\x0b\n\x03\x62in\x18\x0e \x01(\r\x12\x16\n\x0ettft_target_ms\x18\x0f \x01(\r\x12\x16\n\x0etpot_target_ms\x18\x10 \x01(\r\x12\x1e\n\x16queue_deadline_unix_ns\x18\x11 \x01(\x03\x12\x1e\n\x16\x65xpected_output_tokens\x18\x12 \x01(\x05\x12?\n\rtrace_context\x18\x13 \x03(\x0b\x32(.dynabatch.v1.WorkItem.TraceContextEntry\x12\x0f\n\x07\x63rashes\x18\x14 \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x01\n\nTokenDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.dynabatch.v1.FinishReason\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x11\n\tpreempted\x18\x07 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\x12\x13\n\x0bworker_lost\x18\t \x01(\x08\"U\n\x0fTokenDeltaBatch\x12(\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x18.dynabatch.v1.TokenDelta\x12\x18\n\x10step_end_unix_ns\x18\x02 \x01(\x03\"\xe1\x02\n\x0eWorkerFeedback\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_step_ms\x18\x08 \x01(\x01\x12\x19\n\x11\x64\x65\x63ode_batch_size\x18\t \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\n \x01(\x01\x12\x15\n\rmax_model_len\x18\x0b \x01(\r\x12\r\n\x05steps\x18\x0c \x01(\x04\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x0f\n\x07unix_ns\x18\x0e \x01(\x03\x12\x11\n\taccepting\x18\x0f \x01(\x08\x12\x13\n\x0bmax_running\x18\x10 \x01(\r\"+\n\rWorkerControl\x12\x1a\n\x12\x63\x61ncel_request_ids\x18\x01 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64ynabatch/v1/worker.proto\x12\x0c\x64ynabatch.v1\x1a\x1c\x64ynabatch/v1/scheduler.proto\"\xe0\x04\n\x08WorkItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.dynabatch.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12(\n\x08priority\x18\x08 \x01(\x0e\x32\x16.dynabatch.v1.Priority\x12\x18\n\x10resume_token_ids\x18\t \x03(\x05\x12\x14\n\x0cscheduler_id\x18\n \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\x12\x17\n\x0f\x61rrival_unix_ns\x18\x0c \x01(\x03\x12\x1f\n\x17predicted_output_tokens\x18\r \x01(\x05\x12\x0b\n\x03\x62in\x18\x0e \x01(\r\x12\x16\n\x0ettft_target_ms\x18\x0f \x01(\r\x12\x16\n\x0etpot_target_ms\x18\x10 \x01(\r\x12\x1e\n\x16queue_deadline_unix_ns\x18\x11 \x01(\x03\x12\x1e\n\x16\x65xpected_output_tokens\x18\x12 \x01(\x05\x12?\n\rtrace_context\x18\x13 \x03(\x0b\x32(.dynabatch.v1.WorkItem.TraceContextEntry\x12\x0f\n\x07\x63rashes\x18\x14 \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc9\x02\n\nTokenDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.dynabatch.v1.FinishReason\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x11\n\tpreempted\x18\x07 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\x12\x13\n\x0bworker_lost\x18\t \x01(\x08\x12\x41\n\rtrace_context\x18\x10 \x03(\x0b\x32*.dynabatch.v1.TokenDelta.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x0fTokenDeltaBatch\x12(\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x18.dynabatch.v1.TokenDelta\x12\x18\n\x10step_end_unix_ns\x18\x02 \x01(\x03\"\xe1\x02\n\x0eWorkerFeedback\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_step_ms\x18\x08 \x01(\x01\x12\x19\n\x11\x64\x65\x63ode_batch_size\x18\t \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\n \x01(\x01\x12\x15\n\rmax_model_len\x18\x0b \x01(\r\x12\r\n\x05steps\x18\x0c \x01(\x04\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x0f\n\x07unix_ns\x18\x0e \x01(\x03\x12\x11\n\taccepting\x18\x0f \x01(\x08\x12\x13\n\x0bmax_running\x18\x10 \x01(\r\"+\n\rWorkerControl\x12\x1a\n\x12\x63\x61ncel_request_ids\x18\x01 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKITEM_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_WORKITEM_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_TOKENDELTA_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_TOKENDELTA_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_WORKITEM']._serialized_start=74
   _globals['_WORKITEM']._serialized_end=682
   _globals['_WORKITEM_TRACECONTEXTENTRY']._serialized_start=631
   _globals['_WORKITEM_TRACECONTEXTENTRY']._serialized_end=682
   _globals['_TOKENDELTA']._serialized_start=685
-  _globals['_TOKENDELTA']._serialized_end=894
-  _globals['_TOKENDELTABATCH']._serialized_start=896
-  _globals['_TOKENDELTABATCH']._serialized_end=981
-  _globals['_WORKERFEEDBACK']._serialized_start=984
-  _globals['_WORKERFEEDBACK']._serialized_end=1337
-  _globals['_WORKERCONTROL']._serialized_start=1339
-  _globals['_WORKERCONTROL']._serialized_end=1382
+  _globals['_TOKENDELTA']._serialized_end=1014
+  _globals['_TOKENDELTA_TRACECONTEXTENTRY']._serialized_start=631
+  _globals['_TOKENDELTA_TRACECONTEXTENTRY']._serialized_end=682
+  _globals['_TOKENDELTABATCH']._serialized_start=1016
+  _globals['_TOKENDELTABATCH']._serialized_end=1101
+  _globals['_WORKERFEEDBACK']._serialized_start=1104
+  _globals['_WORKERFEEDBACK']._serialized_end=1457
+  _globals['_WORKERCONTROL']._serialized_start=1459
+  _globals['_WORKERCONTROL']._serialized_end=1502
 # @@protoc_insertion_point(module_scope)

@@ -59,7 +59,14 @@ class WorkItem(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., priority: _Optional[_Union[_scheduler_pb2.Priority, str]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., scheduler_id: _Optional[str] = ..., attempt: _Optional[int] = ..., arrival_unix_ns: _Optional[int] = ..., predicted_output_tokens: _Optional[int] = ..., bin: _Optional[int] = ..., ttft_target_ms: _Optional[int] = ..., tpot_target_ms: _Optional[int] = ..., queue_deadline_unix_ns: _Optional[int] = ..., expected_output_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., crashes: _Optional[int] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
-    __slots__ = ("request_id", "token_ids", "offset", "finish_reason", "error", "worker_id", "preempted", "attempt", "worker_lost")
+    __slots__ = ("request_id", "token_ids", "offset", "finish_reason", "error", "worker_id", "preempted", "attempt", "worker_lost", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +76,7 @@ class TokenDelta(_message.Message):
     PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WORKER_LOST_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     offset: int
@@ -78,7 +86,8 @@ class TokenDelta(_message.Message):
     preempted: bool
     attempt: int
     worker_lost: bool
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., finish_reason: _Optional[_Union[_scheduler_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., worker_id: _Optional[str] = ..., preempted: _Optional[bool] = ..., attempt: _Optional[int] = ..., worker_lost: _Optional[bool] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., finish_reason: _Optional[_Union[_scheduler_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., worker_id: _Optional[str] = ..., preempted: _Optional[bool] = ..., attempt: _Optional[int] = ..., worker_lost: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TokenDeltaBatch(_message.Message):
     __slots__ = ("deltas", "step_end_unix_ns")

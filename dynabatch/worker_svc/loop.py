@@ -4,16 +4,23 @@ feedback. Thin by design: the engine decides how to batch, the scheduler decides
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+from opentelemetry.sdk.trace import TracerProvider
+
 from dynabatch.v1.scheduler_pb2 import FinishReason
 from dynabatch.v1.worker_pb2 import TokenDelta, TokenDeltaBatch, WorkerFeedback, WorkItem
 from dynabatch.wire.backoff import Backoff
+from dynabatch.wire import telemetry
 from dynabatch.wire.queue import Queue, QueueError
+from dynabatch.wire.traced_queue import traced
 from dynabatch.worker_svc.engine.api import Engine, Sampling, SequenceRequest, TokenOutput
+from dynabatch.worker_svc.metrics import WorkerMetrics
+from dynabatch.worker_svc.tracing import WorkerTracing
 
 log = logging.getLogger("dynabatch.worker")
 
@@ -31,6 +38,9 @@ class WorkerConfig:
     max_pull: int = 64              # assignments taken per iteration
     publish_interval_s: float = 0.005   # steps faster than this are published together
     backoff_max_s: float = 1.0      # longest wait between retries while the queue is down
+    metrics_port: int | None = None   # Prometheus /metrics; None: not served (0: any port)
+    # Spans go to this provider; None: the global SDK provider if one is installed, else off.
+    tracer_provider: TracerProvider | None = None
 
 
 def to_sequence(item: WorkItem) -> SequenceRequest:
@@ -46,7 +56,13 @@ def to_sequence(item: WorkItem) -> SequenceRequest:
 
 class WorkerLoop:
     def __init__(self, queue: Queue, engine: Engine, config: WorkerConfig) -> None:
-        self.queue, self.engine, self.cfg = queue, engine, config
+        tracer = telemetry.get_tracer("worker", config.tracer_provider)
+        self.queue, self.engine, self.cfg = traced(queue, tracer), engine, config
+        self.tracing = WorkerTracing(tracer, config.worker_id, config.model) if tracer else None
+        self.metrics = WorkerMetrics()
+        self._step_start_ns = 0
+        self.metrics_server = (None if config.metrics_port is None else
+                               telemetry.MetricsServer(self.metrics.registry, config.metrics_port))
         self.owner: dict[str, tuple[str, int]] = {}   # request id -> (relaying scheduler, attempt)
         self.accepting = True
         self.drain = True        # on stop: finish running requests (False: abort them)
@@ -66,6 +82,8 @@ class WorkerLoop:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then finish the running requests (drain)."""
         log.info("worker %s serving model %s", self.cfg.worker_id, self.cfg.model)
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self._refresh_feedback(force=True)
         beats_done = asyncio.Event()
         beats = asyncio.create_task(self._heartbeats(beats_done), name="heartbeats")
@@ -84,6 +102,10 @@ class WorkerLoop:
             self._refresh_feedback(force=True)
             beats_done.set()
             await beats
+            if self.tracing:
+                self.tracing.close("worker stopped")
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
         log.info("worker %s stopped", self.cfg.worker_id)
 
     def _abort_all(self) -> None:
@@ -92,6 +114,8 @@ class WorkerLoop:
         self.owner.clear()
         self._pending.clear()
         self._errors.clear()
+        if self.tracing:
+            self.tracing.close("dropped by the worker")
 
     async def _iteration(self) -> None:
         if self._lost:
@@ -114,7 +138,8 @@ class WorkerLoop:
         if self.engine.has_work():
             outputs = await self._step()
             due = time.perf_counter() - self._last_publish >= self.cfg.publish_interval_s
-            await self._publish(outputs, flush=due or not self.engine.has_work())
+            with self._step_span(outputs):
+                await self._publish(outputs, flush=due or not self.engine.has_work())
             self._step_done()
         else:
             self._last_step_end = None
@@ -125,8 +150,14 @@ class WorkerLoop:
         engine whose steps are trivial (then yielding to the loop once per step)."""
         if getattr(self.engine, "inline_step", False):
             await asyncio.sleep(0)
-            return self.engine.step()
-        return await asyncio.to_thread(self.engine.step)
+            return self._timed_step()
+        return await asyncio.to_thread(self._timed_step)
+
+    def _timed_step(self) -> list[TokenOutput]:
+        self._step_start_ns = time.time_ns()
+        outputs = self.engine.step()
+        self.metrics.step(outputs, (time.time_ns() - self._step_start_ns) / 1e9)
+        return outputs
 
     def _step_done(self) -> None:
         now = time.perf_counter()
@@ -138,6 +169,8 @@ class WorkerLoop:
     async def _admit(self, item: WorkItem) -> None:
         """Hand an assignment to the engine; one it cannot take fails alone (never the worker)."""
         self.owner[item.request_id] = (item.scheduler_id, item.attempt)
+        if self.tracing:
+            self.tracing.pulled(item)
         try:
             if item.model != self.cfg.model:
                 raise ValueError(f"model {item.model!r} is not served here ({self.cfg.model!r})")
@@ -145,6 +178,12 @@ class WorkerLoop:
         except Exception as e:   # a bad item must not take the worker down
             log.error("worker %s rejected %s: %s", self.cfg.worker_id, item.request_id, e)
             await self._publish([], errors={item.request_id: str(e)})
+
+    def _step_span(self, outputs: list[TokenOutput]):
+        if self.tracing is None:
+            return contextlib.nullcontext()
+        record = getattr(self.engine, "last_step", None)
+        return self.tracing.step(outputs, self._step_start_ns, record.kind if record else "step")
 
     async def _publish(self, outputs: list[TokenOutput], errors: dict[str, str] | None = None,
                        flush: bool = True) -> None:
@@ -160,6 +199,8 @@ class WorkerLoop:
             delta = self._delta(out.request_id, out.token_ids, out.offset, out.finish_reason, batches)
             if delta is not None and out.finish_reason:
                 done.append(out.request_id)
+            if delta is not None and self.tracing and out.request_id in self.tracing.fresh:
+                self.tracing.announce(delta)
         for rid, why in self._errors.items():
             delta = self._delta(rid, [], 0, None, batches)
             if delta is not None:
@@ -170,6 +211,8 @@ class WorkerLoop:
             batch.step_end_unix_ns = now
         if batches:
             await self.queue.publish(dict(batches))
+        if self.tracing:
+            self.tracing.published(self._pending, done, self._errors)
         self._pending, self._errors = {}, {}
         self._last_publish = time.perf_counter()
         for rid in done:
@@ -203,6 +246,7 @@ class WorkerLoop:
         now = time.monotonic()
         if force or now - self._feedback_at >= self.cfg.heartbeat_s / 2:
             self._feedback, self._feedback_at = self.feedback(), now
+            self.metrics.feedback(self._feedback, now)
 
     async def _heartbeats(self, done: asyncio.Event) -> None:
         """Publish the latest feedback every heartbeat_s (also while a step runs), watch the epoch."""
