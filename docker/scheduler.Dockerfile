@@ -30,6 +30,6 @@ COPY --from=deps /opt/venv /opt/venv
 # The source last: a code change rebuilds only this small layer.
 COPY dynabatch/ /app/dynabatch/
 USER 10001:10001
-EXPOSE 50051
+EXPOSE 50051 9090
 ENTRYPOINT ["python", "-m", "dynabatch.cli"]
 CMD ["scheduler"]

@@ -46,7 +46,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache/huggingface \
     TRITON_CACHE_DIR=/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/cache/inductor
-EXPOSE 50052
+EXPOSE 50052 9091
 ENTRYPOINT ["python", "-m", "dynabatch.cli"]
 CMD ["worker"]
 

@@ -62,14 +62,31 @@ def dynabatch_containers(objs: list[dict]):
                 yield w, c
 
 
-def flag_ports(parsed) -> set[int]:
-    """Every port the process opens, from its parsed flags (--*listen, --*-port)."""
+# The port each command serves /metrics on when neither --metrics-port nor DYNABATCH_METRICS_PORT
+# is given (cli/__init__.py passes these to telemetry.metrics_port).
+METRICS_DEFAULT = {"scheduler": 9090, "worker": 9091}
+
+
+def metrics_port_of(parsed, env: dict) -> int | None:
+    """The /metrics port the process opens, resolved by the code's own rule (flag, env, default)."""
+    from dynabatch.wire.telemetry import metrics_port
+    with environ(env):
+        return metrics_port(parsed.metrics_port, METRICS_DEFAULT[parsed.command])
+
+
+def flag_ports(parsed, env: dict | None = None) -> set[int]:
+    """Every port the process opens, from its parsed flags (--*listen, --*-port) and, given the
+    container's env, the /metrics port the code falls back to without --metrics-port."""
     ports = set()
     for name, value in vars(parsed).items():
         if name.endswith("listen") and value:
             ports.add(listen_port(value))
         elif name.endswith("_port") and isinstance(value, int) and value > 0:
             ports.add(value)
+    if env is not None and parsed.command in METRICS_DEFAULT:
+        port = metrics_port_of(parsed, env)
+        if port:
+            ports.add(port)
     return ports
 
 
@@ -104,7 +121,7 @@ def test_container_ports_are_the_listen_flags(rendered, overlay):
     for w, c in dynabatch_containers(objs):
         parsed = parse(objs, c)
         declared = {p["containerPort"] for p in c.get("ports", [])}
-        assert declared == flag_ports(parsed), f"{component(w)}: ports vs flags"
+        assert declared == flag_ports(parsed, container_env(objs, c)), f"{component(w)}: ports vs flags"
     sched = pod_spec(by_component(objs, "scheduler"))["containers"][0]
     assert resolve_port(sched, "grpc") == listen_port(parse(objs, sched).listen)
     worker = pod_spec(by_component(objs, "worker"))["containers"][0]
@@ -183,8 +200,7 @@ def test_env_vars_are_read_by_the_code(rendered, overlay):
                 if not changed:
                     assert name in PACKAGE_SOURCE, f"{where}: no code reads it"
             elif name.startswith("OTEL_"):
-                from opentelemetry.sdk import environment_variables as otel_env
-                assert name in vars(otel_env), f"{where}: not an OpenTelemetry SDK variable"
+                assert name in otel_sdk_variables(), f"{where}: not an OpenTelemetry SDK variable"
                 assert "opentelemetry" in PACKAGE_SOURCE, f"{where}: dynabatch does not use OTel"
             else:
                 assert name in referenced, f"{where}: neither read by the code nor referenced"
@@ -346,14 +362,41 @@ def test_hpa_scales_the_worker_on_metrics_the_adapter_serves(rendered):
     assert used and used <= served, f"HPA metrics {used - served} have no prometheus-adapter rule"
 
 
+def scheduler_metric_names() -> set[str]:
+    """Sample names the scheduler's registry serves once every gauge holds a value."""
+    from dynabatch.scheduler_svc.metrics import SchedulerMetrics
+    m = SchedulerMetrics()
+    m.sla_attainment.set(1.0)
+    m.tokens_per_s.set(1.0)
+    m.queue_depth.labels("0").set(0)
+    return {s.name for fam in m.registry.collect() for s in fam.samples}
+
+
 def test_adapter_rules_read_metrics_the_code_exports():
     import re
+    exported = scheduler_metric_names()
+    assert {"dynabatch_queue_depth", "dynabatch_sla_attainment"} <= exported
     for rule in adapter_rules():
         series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
         assert "<<.Series>>{<<.LabelMatchers>>}" in rule["metricsQuery"]
-        if "prometheus_client" not in PACKAGE_SOURCE:
-            pytest.skip("the code exports no Prometheus metrics yet")
-        assert series in PACKAGE_SOURCE, f"no code exports {series}"
+        assert series in exported, f"the scheduler exports no {series}"
+        if rule["name"]["as"] != series:     # a derived metric: README's table must say how
+            readme = (DEPLOY / "README.md").read_text()
+            assert f"`{rule['name']['as']}`" in readme and series in readme
+    (miss,) = [r for r in adapter_rules() if r["name"]["as"] == "dynabatch_sla_miss_ratio"]
+    assert miss["metricsQuery"].replace(" ", "").startswith("1-"), "miss ratio = 1 - attainment"
+
+
+def test_readme_table_matches_the_hpa(rendered):
+    """deploy/README.md's autoscaling table names each HPA metric with its target."""
+    (hpa,) = find(rendered("gpu"), "HorizontalPodAutoscaler")
+    readme = (DEPLOY / "README.md").read_text()
+    for m in hpa["spec"]["metrics"]:
+        name, target = m["external"]["metric"]["name"], m["external"]["target"]
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}`")), None)
+        assert row, f"README's HPA table lacks {name}"
+        value = target.get("averageValue") or target.get("value")
+        assert str(value) in row, f"README: {name} target {value}"
 
 
 @params
@@ -371,3 +414,122 @@ def test_scrape_annotations_name_a_metrics_port(rendered, overlay):
         assert resolve_port(c, "metrics") == port, f"{component(w)}: annotation vs metrics port"
         if component(w) in DYNABATCH:
             assert port in flag_ports(parse(objs, c))
+
+
+# --- observability wiring: /metrics ports and OTLP export
+
+def otel_sdk_variables() -> set[str]:
+    """The OTEL_* variables the OpenTelemetry Python SDK and its OTLP exporter read: the constants
+    of opentelemetry.sdk.environment_variables (each named as its value)."""
+    from opentelemetry.sdk import environment_variables as otel_env
+    return {v for k, v in vars(otel_env).items()
+            if k.startswith("OTEL_") and isinstance(v, str) and v == k}
+
+
+def metrics_services(objs: list[dict], workload: dict) -> list[tuple[dict, dict]]:
+    """(Service, port) pairs that select this workload's pods through a port named `metrics`."""
+    return [(svc, port) for svc in find(objs, "Service")
+            if selects(svc["spec"]["selector"], pod_labels(workload))
+            for port in svc["spec"]["ports"] if port.get("name") == "metrics"]
+
+
+@params
+def test_metrics_port_args_container_port_annotation_and_service_agree(rendered, overlay):
+    """One number, four places: --metrics-port in args (spelt out, so the manifests say what the
+    process opens), the container's `metrics` port, the prometheus.io/port annotation, and the
+    `metrics` port of any Service in front of the pods (the scheduler's must have one)."""
+    objs = rendered(overlay)
+    for w, c in dynabatch_containers(objs):
+        comp = component(w)
+        flags = [a for a in c["args"] if a.split("=", 1)[0] == "--metrics-port"]
+        assert len(flags) == 1, f"{comp}: pass --metrics-port=N explicitly in args"
+        parsed = parse(objs, c)
+        port = metrics_port_of(parsed, container_env(objs, c))
+        assert port == parsed.metrics_port, f"{comp}: env overrides --metrics-port?"
+        assert port == METRICS_DEFAULT[comp], f"{comp}: docs and README give {METRICS_DEFAULT[comp]}"
+        assert resolve_port(c, "metrics") == port, f"{comp}: containerPort `metrics` vs --metrics-port"
+        named = [p for p in c["ports"] if p.get("name") == "metrics"]
+        assert len(named) == 1 and named[0].get("protocol", "TCP") == "TCP"
+        notes = w["spec"]["template"]["metadata"].get("annotations", {})
+        assert notes.get("prometheus.io/scrape") == "true", f"{comp}: not scraped"
+        assert notes.get("prometheus.io/port") == str(port), f"{comp}: prometheus.io/port vs {port}"
+        assert notes.get("prometheus.io/path") == "/metrics", f"{comp}: prometheus.io/path"
+        services = metrics_services(objs, w)
+        if comp == "scheduler":
+            assert services, "the scheduler Service has no `metrics` port"
+        for svc, sp in services:
+            where = f"Service {svc['metadata']['name']} port metrics"
+            assert sp["port"] == port, f"{where}: {sp['port']} vs --metrics-port {port}"
+            assert resolve_port(c, sp.get("targetPort", sp["port"])) == port, f"{where}: targetPort"
+
+
+@params
+def test_otel_env_is_standard_and_exports_to_the_stacks_jaeger(rendered, overlay):
+    """Every OTEL_* variable set in any container is one the OpenTelemetry SDK reads (a misspelt
+    one is silently ignored); the services export to the Jaeger Service's OTLP/gRPC port, each
+    under its own service name."""
+    objs = rendered(overlay)
+    known = otel_sdk_variables()
+    assert {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER"} <= known
+    for w in workloads(objs):
+        for c in containers(w):
+            for name in env_names(c):
+                if name.startswith("OTEL_"):
+                    assert name in known, f"{component(w)} env {name}: not a standard OTEL_* variable"
+    jaeger = one(objs, "Service", "dynabatch-jaeger")
+    (grpc_port,) = [p for p in jaeger["spec"]["ports"] if p.get("appProtocol") == "grpc"]
+    names = set()
+    for w, c in dynabatch_containers(objs):
+        env = container_env(objs, c)
+        endpoint = urlsplit(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
+        assert (endpoint.scheme, endpoint.hostname, endpoint.port) == \
+            ("http", "dynabatch-jaeger", grpc_port["port"]), f"{component(w)}: {endpoint.geturl()}"
+        assert parse(objs, c).otlp_endpoint is None, "--otlp-endpoint would override the env"
+        assert env.get("OTEL_SERVICE_NAME") == f"dynabatch-{component(w)}", component(w)
+        names.add(env["OTEL_SERVICE_NAME"])
+    assert len(names) == len(DYNABATCH)
+
+
+def _policy_admits(policy: dict, direction: str, peer_pod: dict | None, port: int,
+                   target: dict, objs: list[dict]) -> bool:
+    """Does one NetworkPolicy's `direction` (ingress/egress) rules admit this traffic? peer_pod
+    None: a peer outside the stack (e.g. Prometheus in another namespace)."""
+    key = "from" if direction == "ingress" else "to"
+    for rule in policy["spec"].get(direction, []):
+        ports = rule.get("ports")
+        if ports and not any(resolve_port(c, p.get("port")) == port or p.get("port") == port
+                             for c in containers(target) for p in ports):
+            continue
+        peers = rule.get(key)
+        if not peers:
+            return True
+        for peer in peers:
+            if peer_pod is not None and set(peer) == {"podSelector"} and \
+                    selects(peer["podSelector"], pod_labels(peer_pod)):
+                return True
+            if peer_pod is None and ("namespaceSelector" in peer or "ipBlock" in peer):
+                return True
+    return False
+
+
+@params
+def test_network_policies_let_traces_and_scrapes_through(rendered, overlay):
+    """Whatever NetworkPolicies the stack has, the dynabatch pods reach Jaeger's OTLP/gRPC port,
+    and something outside the namespace (Prometheus) reaches their metrics ports. The stack's
+    only policy guards Redis ingress; a default-deny added later must keep these open."""
+    objs = rendered(overlay)
+    jaeger = by_component(objs, "jaeger")
+    otlp = resolve_port(pod_spec(jaeger)["containers"][0], "otlp-grpc")
+    policies = find(objs, "NetworkPolicy")
+    for w, c in dynabatch_containers(objs):
+        for p in policies:
+            types = p["spec"].get("policyTypes", ["Ingress"])
+            if "Egress" in types and selects(p["spec"]["podSelector"], pod_labels(w)):
+                assert _policy_admits(p, "egress", jaeger, otlp, jaeger, objs), \
+                    f"{p['metadata']['name']} blocks {component(w)} -> jaeger:{otlp}"
+            if "Ingress" in types and selects(p["spec"]["podSelector"], pod_labels(jaeger)):
+                assert _policy_admits(p, "ingress", w, otlp, jaeger, objs), \
+                    f"{p['metadata']['name']} blocks {component(w)} -> jaeger:{otlp}"
+            if "Ingress" in types and selects(p["spec"]["podSelector"], pod_labels(w)):
+                assert _policy_admits(p, "ingress", None, resolve_port(c, "metrics"), w, objs), \
+                    f"{p['metadata']['name']} blocks scrapes of {component(w)}"

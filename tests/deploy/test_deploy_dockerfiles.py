@@ -123,6 +123,19 @@ def test_final_stage_runs_non_root_as_the_manifests_expect(image, rendered):
 
 
 @pytest.mark.parametrize("image", IMAGES)
+def test_exposed_ports_are_the_containers_ports(image, rendered):
+    """EXPOSE (documentation for `docker run -P` and readers) lists the ports the manifests
+    declare for that image's container: the gRPC/health port and /metrics."""
+    dockerfile, target, comp = IMAGES[image]
+    _, stages = parse_dockerfile(DOCKER / dockerfile)
+    exposed = {int(p.split("/")[0]) for s in chain(stages, target) for instr, rest in s.instructions
+               if instr == "EXPOSE" for p in rest.split()}
+    for overlay in OVERLAYS:
+        c = pod_spec(by_component(rendered(overlay), comp))["containers"][0]
+        assert exposed == {p["containerPort"] for p in c["ports"]}, f"{image} vs {overlay}"
+
+
+@pytest.mark.parametrize("image", IMAGES)
 def test_dependencies_install_before_the_source(image):
     """Layer order: pyproject.toml → dependency install → source, so a code change reuses the
     (large) dependency layers; the source is copied only into the final stage."""

@@ -1,8 +1,10 @@
 """The dev overlay's containers run as the manifests say, on this machine: redis-server with the
 Redis container's command line, then the scheduler and the worker with their args and env as the
-kubelet would build them (only addresses rewritten to free loopback ports). Checks what the
-probes see (NOT_SERVING until the model is loaded, then SERVING), one request end to end through
-the AUTH'd Redis, and that SIGTERM finishes within the pods' termination grace periods."""
+kubelet would build them (only addresses rewritten to free loopback ports: Redis, the OTLP
+endpoint, the listen and metrics ports). Checks what the probes see (NOT_SERVING until the model
+is loaded, then SERVING), one request end to end through the AUTH'd Redis, /metrics where the
+prometheus.io/* annotations say, spans arriving over OTLP/gRPC under each OTEL_SERVICE_NAME, and
+that SIGTERM finishes within the pods' termination grace periods."""
 from __future__ import annotations
 
 import os
@@ -11,7 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
+from concurrent import futures
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -22,6 +27,36 @@ from deploy_support import ROOT
 from manifests import by_component, container_env, expand, pod_spec
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class OtlpReceiver:
+    """An OTLP/gRPC trace endpoint on loopback (opentelemetry-proto's TraceService) that records
+    the service.name of every span it receives."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+        self.services: dict[str, int] = {}
+        lock = threading.Lock()
+        outer = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                with lock:
+                    for rs in request.resource_spans:
+                        name = next((kv.value.string_value for kv in rs.resource.attributes
+                                     if kv.key == "service.name"), "")
+                        n = sum(len(ss.spans) for ss in rs.scope_spans)
+                        outer.services[name] = outer.services.get(name, 0) + n
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def scrape(port: int, path: str) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).read().decode()
 
 
 def free_port() -> int:
@@ -86,16 +121,23 @@ def dev_stack(rendered, tmp_path):
     with pytest.raises(redis.AuthenticationError):     # AUTH is really on
         redis.Redis(port=redis_port).get("x")
 
+    otlp = OtlpReceiver()
+
     def process_env(comp: str) -> tuple[list[str], dict]:
         c = pod_spec(by_component(objs, comp))["containers"][0]
         env = container_env(objs, c)
         url = urlsplit(env["DYNABATCH_REDIS_URL"])
         env["DYNABATCH_REDIS_URL"] = urlunsplit(url._replace(
             netloc=f":{url.password}@127.0.0.1:{redis_port}"))
+        endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = urlunsplit(endpoint._replace(
+            netloc=f"127.0.0.1:{otlp.port}"))
         return [expand(a, env) for a in c["args"]], env
 
-    stack = {"tmp": tmp_path, "objs": objs, "start": start, "process_env": process_env}
+    stack = {"tmp": tmp_path, "objs": objs, "start": start, "process_env": process_env,
+             "otlp": otlp}
     yield stack
+    otlp.server.stop(0)
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -115,10 +157,12 @@ def test_dev_processes_serve_and_drain_within_grace(dev_stack):
     entry = [sys.executable, "-m", "dynabatch.cli"]       # the images' ENTRYPOINT
 
     w_args, w_env = dev_stack["process_env"]("worker")
-    w_port = free_port()
+    w_port, w_metrics = free_port(), free_port()
+    w_args = with_flag(w_args, "--metrics-port", str(w_metrics))
     worker = start(entry + with_flag(w_args, "--health-listen", f"127.0.0.1:{w_port}"), w_env, "worker")
     s_args, s_env = dev_stack["process_env"]("scheduler")
-    s_port = free_port()
+    s_port, s_metrics = free_port(), free_port()
+    s_args = with_flag(s_args, "--metrics-port", str(s_metrics))
     sched = start(entry + with_flag(s_args, "--listen", f"127.0.0.1:{s_port}"), s_env, "scheduler")
 
     try:
@@ -131,6 +175,12 @@ def test_dev_processes_serve_and_drain_within_grace(dev_stack):
             out = client.generate(prompt_token_ids=[1, 2, 3], max_tokens=4, ignore_eos=True)
         assert len(out.token_ids) == 4
 
+        # /metrics where the annotations point Prometheus (the port itself is rewritten here)
+        for comp, port, metric in (("scheduler", s_metrics, "dynabatch_admissions_total"),
+                                   ("worker", w_metrics, "dynabatch_worker_output_tokens_total")):
+            notes = by_component(objs, comp)["spec"]["template"]["metadata"]["annotations"]
+            assert metric in scrape(port, notes["prometheus.io/path"]), f"{comp} /metrics"
+
         for comp, proc, port in (("scheduler", sched, s_port), ("worker", worker, w_port)):
             pod = pod_spec(by_component(objs, comp))
             budget = pod["terminationGracePeriodSeconds"]
@@ -141,6 +191,11 @@ def test_dev_processes_serve_and_drain_within_grace(dev_stack):
             proc.wait(budget)        # raises TimeoutExpired: the kubelet would SIGKILL it
             assert proc.returncode == 0, f"{comp} exited {proc.returncode}"
             assert time.monotonic() - t0 < budget
+        # the exit flushed the spans: each process exported under its OTEL_SERVICE_NAME
+        otlp = dev_stack["otlp"]
+        for env in (s_env, w_env):
+            assert otlp.services.get(env["OTEL_SERVICE_NAME"]), (env["OTEL_SERVICE_NAME"],
+                                                                 otlp.services)
     except BaseException:
         for name in ("scheduler", "worker", "redis"):
             log = dev_stack["tmp"] / f"{name}.log"
