@@ -4,6 +4,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests derandomized: the same examples every run, so a red CI is a real
+# regression (explore with random seeds locally: `pytest --hypothesis-seed=N`).
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 REDIS_URL = os.environ.get("DYNABATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
