@@ -45,7 +45,6 @@ class BatchingLoop:
         self.waiting_count = 0
         self.last_waiting: list[Waiting] = []   # the latest snapshot (admission control reads it)
         self.models: dict[str, str] = {}         # worker id -> model it serves
-        self._seen_steps: dict[str, int] = {}
         self.backoff = Backoff()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -71,10 +70,8 @@ class BatchingLoop:
         feedback = await self.queue.workers()
         self.models = {fb.worker_id: fb.model for fb in feedback}
         self.workers = [self._view(fb, now) for fb in feedback]
-        for view in self.workers:
-            if self._seen_steps.get(view.worker_id) != view.steps:
-                self._seen_steps[view.worker_id] = view.steps
-                self.policy.observe(view, now)
+        for view in self.workers:        # the policy ignores feedback whose steps did not advance
+            self.policy.observe(view, now)
         items = {i.request_id: i for i in await self.queue.waiting()}
         self.waiting_count = len(items)
         self.last_waiting = [to_waiting(i) for i in items.values()]
