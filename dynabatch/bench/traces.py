@@ -71,6 +71,14 @@ def _valid(arrival: float, prompt: int, output: int) -> bool:
     return math.isfinite(arrival) and prompt > 0 and output > 0
 
 
+def _keep(rows: list[TraceRequest], req: TraceRequest | None) -> int:
+    """Append a parsed, valid row; return 1 (one bad row skipped) otherwise."""
+    if req is None or not _valid(req.arrival_s, req.prompt_tokens, req.output_tokens):
+        return 1
+    rows.append(req)
+    return 0
+
+
 def _parse_time(value: str) -> float:
     """Seconds as a float, or an ISO date-time (Azure's '2023-11-16 18:15:46.6805900')."""
     try:
@@ -99,12 +107,8 @@ def _load_csv(path: Path, time_col: str, prompt_col: str, output_col: str,
                     req = TraceRequest(_parse_time(row[time_col]), int(float(row[prompt_col])),
                                        int(float(row[output_col])))
                 except (TypeError, ValueError, KeyError):
-                    skipped += 1
-                    continue
-                if _valid(req.arrival_s, req.prompt_tokens, req.output_tokens):
-                    rows.append(req)
-                else:
-                    skipped += 1
+                    req = None
+                skipped += _keep(rows, req)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise TraceError(f"{path}: cannot read trace ({type(e).__name__}: {e})") from None
     return _rebase(rows, str(path), skipped)
@@ -139,12 +143,8 @@ def load_mooncake(path: str | Path) -> Trace:
                     req = TraceRequest(float(obj["timestamp"]) / 1000.0, int(obj["input_length"]),
                                        int(obj["output_length"]))
                 except (ValueError, KeyError, TypeError):
-                    skipped += 1
-                    continue
-                if _valid(req.arrival_s, req.prompt_tokens, req.output_tokens):
-                    rows.append(req)
-                else:
-                    skipped += 1
+                    req = None
+                skipped += _keep(rows, req)
     except (OSError, UnicodeDecodeError) as e:
         raise TraceError(f"{path}: cannot read trace ({type(e).__name__}: {e})") from None
     if not rows and skipped:
