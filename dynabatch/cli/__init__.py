@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _mount_bench(sub) -> None:
     try:
         from dynabatch.bench import engine_bench
-        eng = sub.add_parser("engine", help="offline engine throughput (tok/s, ms/step, % roofline)")
+        eng = sub.add_parser("engine", help="offline engine throughput (tok/s, ms/step, %% of roofline)")
         engine_bench.add_arguments(eng)
         eng.set_defaults(bench_run=engine_bench.run)
     except ImportError:
