@@ -155,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "policy_opt"):
         from dynabatch.cli.options import policy_config
         from dynabatch.scheduler_svc.policy import POLICY_NAMES
-        if args.policy not in POLICY_NAMES:
-            parser.error(f"--policy {args.policy!r}: choose one of {', '.join(POLICY_NAMES)}")
+        given = args.policy if hasattr(args, "policy") else args.policies
+        names = [n.strip() for n in given.split(",") if n.strip()]
+        for name in names:
+            if name not in POLICY_NAMES:
+                parser.error(f"policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
         try:
             args.policy_config = policy_config(args.policy_opt)
         except ValueError as e:

@@ -109,3 +109,14 @@ def test_cli_report_writes_files(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "report.json").read_text())
     assert set(data["capacity"]) == {"fcfs", "dynamic"} and data["simulated"] is True
     assert "| fcfs |" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_top_level_cli_bench_capacity_and_bad_policy(capsys) -> None:
+    """Through `dynabatch` itself: bench subcommands take --policies, not --policy."""
+    from dynabatch.cli import main as cli_main
+    rc = cli_main(["bench", "capacity", "--synthetic", "poisson", "--n", "40", "--rate", "2",
+                   "--policies", "fcfs", "--json"])
+    assert rc == 0 and "fcfs" in json.loads(capsys.readouterr().out)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["bench", "simulate", "--synthetic", "poisson", "--policies", "fcfs,bogus"])
+    assert e.value.code == 2 and "'bogus'" in capsys.readouterr().err
