@@ -219,9 +219,25 @@ async def _scheduler(args, queue, stop: asyncio.Event) -> None:
     if args.scheduler_id:
         cfg.scheduler_id = args.scheduler_id
     server = SchedulerServer(queue, cfg)
-    await server.start()
+    if not await _started(server, stop):
+        return
     await stop.wait()
     await server.stop()
+
+
+async def _started(server, stop: asyncio.Event) -> bool:
+    """Start the server unless stopped first: start() retries while the queue is unreachable,
+    and SIGTERM must still end the process then."""
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if starting.done():
+        starting.result()                  # raises if start failed
+        return True
+    starting.cancel()
+    logging.getLogger("dynabatch").warning("stopped before the scheduler started")
+    return False
 
 
 def _tls_files(args):

@@ -19,7 +19,7 @@ class Backoff:
     async def wait(self, error: Exception, what: str) -> None:
         if self.since is None:
             self.since = time.monotonic()
-            log.warning("%s: queue unavailable (%s); retrying with backoff", what, error)
+            log.warning("%s: queue unavailable (%s); retrying with backoff", what, _why(error))
         self.delay = min(self.max_s, self.delay * 2 if self.delay else self.first_s)
         await asyncio.sleep(self.delay)
 
@@ -31,3 +31,10 @@ class Backoff:
     def down_for(self) -> float:
         """Seconds since the current outage began (0 when the queue is reachable)."""
         return 0.0 if self.since is None else time.monotonic() - self.since
+
+
+def _why(error: Exception) -> str:
+    """The error and what caused it (e.g. "Connection reset by peer" from a TLS-only port):
+    the cause is what an operator needs; clients get only the short message."""
+    cause = error.__cause__
+    return f"{error}: {cause}" if cause is not None and str(cause) else str(error)

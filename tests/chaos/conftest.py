@@ -110,26 +110,43 @@ class RedisServer:
     port: int
     password: str | None
     tmp: Path
+    tls: dict[str, str] | None = None     # cert, key, ca (PEM paths): TLS only, on `port`
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls['ca']}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
+    @property
+    def log(self) -> Path:
+        return self.tmp / f"redis-{self.port}.log"
+
+    def _args(self) -> list[str]:
+        args = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.tmp)]
+        if self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+                     "--tls-cert-file", self.tls["cert"], "--tls-key-file", self.tls["key"],
+                     "--tls-ca-cert-file", self.tls["ca"]]
+        else:
+            args += ["--port", str(self.port)]
+        return args + (["--requirepass", self.password] if self.password else [])
+
     def start(self) -> None:
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                "--appendonly", "no", "--dir", str(self.tmp)]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """Start and wait until the port accepts; RuntimeError (with the server's output) if
+        it exits or does not listen within 10 s."""
+        self.proc = subprocess.Popen(self._args(), stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
             time.sleep(0.02)
-        raise RuntimeError("private redis-server did not start")
+        self.kill()
+        raise RuntimeError("private redis-server did not start: " + self.log.read_text()[-500:])
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -137,13 +154,17 @@ class RedisServer:
             self.proc.wait(5)
 
 
-@pytest.fixture
-def private_redis(tmp_path):
-    """A redis-server of this test's own, on a free loopback port, no persistence, with AUTH."""
+def _need_redis_server() -> None:
     if shutil.which("redis-server") is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed (.ci/run installs it)")
         pytest.skip("redis-server is not installed")
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test's own, on a free loopback port, no persistence, with AUTH."""
+    _need_redis_server()
     server = RedisServer(free_port(), "s3cret-" + uuid.uuid4().hex[:8], tmp_path)
     server.start()
     yield server

@@ -1,11 +1,14 @@
-"""Security: TLS and mTLS with certificates made by the test, bearer-token auth, Redis AUTH,
-no secrets in logs, no pickle/eval of queue data."""
+"""Security: TLS and mTLS with certificates made by the test, bearer-token auth, Redis AUTH and
+TLS (rediss://) URLs, no secrets in logs, no pickle/eval of queue data."""
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import logging
 import re
+import signal
+import uuid
 from pathlib import Path
 
 import grpc
@@ -21,8 +24,10 @@ from dynabatch.cli.stack import LocalStack, StackConfig
 from dynabatch.client import (AsyncDynabatchClient, DynabatchError, Unauthenticated,
                               tls_credentials)
 from dynabatch.scheduler_svc.security import TlsFiles
+from dynabatch.wire.queue import QueueUnavailable
+from dynabatch.wire.redis_queue import RedisQueue
 
-from .conftest import MODEL, purge
+from .conftest import (MODEL, RedisServer, _need_redis_server, free_port, purge, wait_for)
 
 TOKEN = "tok-" + "9f8e7d6c5b4a" * 3
 
@@ -109,6 +114,71 @@ async def test_redis_auth_and_redacted_url(private_redis, prefix, caplog):
     finally:
         await purge(private_redis.url, prefix)
     assert private_redis.password not in caplog.text
+
+
+@pytest.fixture
+def tls_redis(pki, tmp_path):
+    """A redis-server of this test's own serving TLS only (certificate from `pki`), with AUTH."""
+    _need_redis_server()
+    server = RedisServer(free_port(), "tls-s3cret-" + uuid.uuid4().hex[:8], tmp_path,
+                         tls={"cert": pki["server"], "key": pki["server_key"], "ca": pki["ca"]})
+    try:
+        server.start()
+    except RuntimeError as e:
+        if "tls" in str(e).lower():      # built without TLS: the tls-* directives are unknown
+            pytest.skip(f"redis-server has no TLS support: {e}")
+        raise
+    yield server
+    server.kill()
+
+
+def _scheduler(procs, url: str, prefix: str, port: int):
+    return procs.start("scheduler", "scheduler", "--redis-url", url, "--redis-prefix", prefix,
+                       "--listen", f"127.0.0.1:{port}", "--model", MODEL, "--metrics-port", "0")
+
+
+async def test_redis_tls_url_end_to_end(tls_redis, procs, prefix):
+    """Scheduler and worker processes meet in Redis over TLS (rediss://, the CA in the URL);
+    neither logs the password."""
+    url, port = tls_redis.url, free_port()
+    assert url.startswith("rediss://") and "ssl_ca_certs=" in url
+    try:
+        worker = procs.worker(url, prefix)
+        sched = _scheduler(procs, url, prefix, port)
+        async with AsyncDynabatchClient(f"127.0.0.1:{port}", timeout=5, resume_retries=0) as c:
+            await wait_for(lambda: _has_worker(c), 60, "scheduler serving with a worker over TLS",
+                           every_s=0.2)
+        assert await _one(f"127.0.0.1:{port}") == 3
+    finally:
+        await purge(url, prefix)
+    for proc in (worker, sched):
+        assert f"rediss://:***@127.0.0.1:{tls_redis.port}" in proc.output()   # logged, redacted
+        assert tls_redis.password not in proc.output()
+        assert "Traceback" not in proc.output()
+
+
+async def _has_worker(client: AsyncDynabatchClient) -> bool:
+    try:
+        return bool((await client.stats()).workers)
+    except DynabatchError:
+        return False
+
+
+async def test_plain_redis_url_on_tls_port_fails_cleanly(tls_redis, procs, prefix):
+    """redis:// against a TLS-only port: a bounded QueueUnavailable naming the cause, a clear
+    log line, and a scheduler that still stops on SIGTERM (not stuck in its startup retries)."""
+    plain = tls_redis.url.replace("rediss://", "redis://", 1).split("?")[0]
+    queue = RedisQueue(plain, prefix)
+    with pytest.raises(QueueUnavailable):
+        await asyncio.wait_for(queue.epoch(), 15)
+    await queue.close()
+    sched = _scheduler(procs, plain, prefix, free_port())
+    await wait_for(lambda: "queue unavailable" in sched.output(), 30, "the scheduler's warning")
+    assert re.search(r"restore: queue unavailable \(redis unreachable: ConnectionError: .*"
+                     r"(reset|closed)", sched.output()), sched.output()
+    sched.signal(signal.SIGTERM)
+    assert sched.popen.wait(10) == 0
+    assert tls_redis.password not in sched.output()
 
 
 def test_queue_data_is_never_unpickled_or_evaluated():
