@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# The end-to-end suite on the GPU machine (issue 9), run through the device tool:
-#   run(command="bash tools/gpu_e2e.sh", carry=[".whl", ".debs"])
-# .whl: wheels the machine lacks (grpcio/protobuf at the versions of our generated code, redis,
-# opentelemetry); .debs: Debian's redis-server and its libraries (no apt there). Writes to $OUT.
-# Both folders are git-ignored; make them here, in the repo root, before the run:
+# The end-to-end suite on the GPU machine (issue 9), run through the device tool, one or more
+# stages per call (each call is limited to 10 minutes):
+#   run(command="bash tools/gpu_e2e.sh sidecar engine8b", carry=[".whl", ".debs", ".carry"])
+# Stages:
+#   sidecar       engine in-process vs the whole path (client -> gRPC -> scheduler -> Redis ->
+#                 worker), Llama-3.2-1B shape                        -> sidecar_h200.json
+#   engine8b      engine benchmark of the Llama-3.1-8B shape (the constrained setting's latency
+#                 model is fitted to it)                             -> engine_h200_8b.json
+#   live1b-a/-b   capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
+#   live8b-a/-b   capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b_*.json
+# Inputs that are not in git (all git-ignored), made here in the repo root before the run:
+#   .whl:   wheels the machine lacks (grpcio/protobuf at the versions of our generated code,
+#           redis, opentelemetry):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl grpcio==1.85.1 protobuf==7.36.2 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
@@ -11,18 +19,50 @@
 #     opentelemetry-semantic-conventions==0.66b2 opentelemetry-proto==1.45.2 \
 #     opentelemetry-exporter-otlp-proto-grpc==1.45.2 opentelemetry-exporter-otlp-proto-common==1.45.2 \
 #     googleapis-common-protos==1.76.0
+#   .debs:  Debian's redis-server and its libraries (no apt there):
 #   mkdir -p .debs && (cd .debs && apt-get -oAPT::Architecture=amd64 download redis-server \
 #     redis-tools libjemalloc2 liblzf1)
-set -euo pipefail
+#   .carry: the shared trace: mkdir -p .carry && cp ../shared/workloads/azure_llm_conv_2023.csv .carry/
+set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+TRACE=.carry/azure_llm_conv_2023.csv
+KV8B=${KV8B:-1024}        # 8B KV pool: 1024 x 16-token blocks = 2 GiB (32k tokens)
+SLA=(--ttft-ms 2000 --tpot-ms 50)
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 mkdir -p /tmp/redis && for f in .debs/*.deb; do dpkg -x "$f" /tmp/redis; done
 export LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 /tmp/redis/usr/bin/redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp
 for _ in $(seq 50); do python3 -c "import redis; redis.Redis(socket_connect_timeout=1).ping()" 2>/dev/null && break; sleep 0.2; done
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
-timeout 300 python3 -m dynabatch.bench.sidecar --model llama-3.2-1b-shape --device cuda \
-  --requests "${SIDECAR_REQUESTS:-256}" --prompt 256 --output 256 \
-  --out "$OUT/sidecar_h200.json" 2>&1 | tee "$OUT/sidecar.log"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; python3 -V;
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/machine.txt"
+
+live() {   # live <name> <budget_s> <model> [args...]: one capacity sweep on the live stack
+  local name=$1 budget=$2 model=$3; shift 3
+  timeout $((budget + 120)) python3 -m dynabatch.bench.live_capacity --trace "$TRACE" \
+    --model "$model" --device cuda "${SLA[@]}" --budget-s "$budget" --out "$OUT/$name.json" "$@" \
+    2>&1 | tee "$OUT/$name.log"
+}
+
+for stage in "$@"; do
+  echo "== $stage ($(date +%T))"
+  case $stage in
+    sidecar) timeout 300 python3 -m dynabatch.bench.sidecar --model llama-3.2-1b-shape --device cuda \
+               --requests 256 --prompt 256 --output 256 --out "$OUT/sidecar_h200.json" 2>&1 | tee "$OUT/sidecar.log" ;;
+    engine8b) timeout 240 python3 -m dynabatch.bench.engine_bench --model llama-3.1-8b-shape --device cuda \
+               --batches 1,16,64 --prompt-len 1024 --output-len 128 --mixed-requests 64 --mixed-output 32 \
+               --baseline-batches none --json "$OUT/engine_h200_8b.json" 2>&1 | tee "$OUT/engine8b.log" ;;
+    live1b-a) live live_1b_a 230 llama-3.2-1b-shape --seconds 20 \
+               --point fcfs@50,65,80,95 --point dynamic@50,65,80,95 ;;
+    live1b-b) live live_1b_b 200 llama-3.2-1b-shape --seconds 20 \
+               --point multibin@50,65,80,95 --point static@4,8 --point naive@30,45 ;;
+    live8b-a) live live_8b_a 420 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 40 \
+               --point fcfs@2,3,4 --point dynamic@2,3,4 ;;
+    live8b-b) live live_8b_b 420 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 40 \
+               --point multibin@2,3,4 --point static@1 --point naive@1 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "== done ($(date +%T))"

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import random
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dynabatch.bench import procs
 from dynabatch.bench.metrics import Outcome, RequestRecord, RunResult, summarize
 from dynabatch.bench.replay import prompt_ids, replay
 from dynabatch.bench.traces import Trace, TraceRequest, poisson
@@ -65,58 +65,15 @@ def drive_direct(engine, trace: Trace, vocab: int, seed: int) -> RunResult:
     return RunResult(recs, label="in-process", meta={"path": "engine in-process"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _wait_serving(target: str, timeout_s: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            try:
-                resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"{target} not SERVING after {timeout_s:.0f} s")
-
-
-class Processes:
-    """`dynabatch scheduler` and `dynabatch worker` as child processes, stopped on exit."""
-
-    def __init__(self, a: argparse.Namespace) -> None:
-        self.port, self.health = _free_port(), _free_port()
-        prefix = f"dynabatch-sidecar-{os.getpid()}:"
-        base = [sys.executable, "-m", "dynabatch.cli"]
-        common = ["--redis-url", a.redis_url, "--redis-prefix", prefix, "--log-level", "WARNING"]
-        self.cmds = [
-            base + ["scheduler", *common, "--listen", f"127.0.0.1:{self.port}", "--model", a.model,
-                    "--policy", "fcfs", "--policy-opt", f"max_num_seqs={a.max_running}"],
-            base + ["worker", *common, "--model", a.model, "--device", a.device,
-                    "--max-running", str(a.max_running), "--health-listen", f"127.0.0.1:{self.health}"]]
-        self.procs: list[subprocess.Popen] = []
-
-    async def __aenter__(self) -> str:
-        self.procs = [subprocess.Popen(c) for c in self.cmds]
-        await _wait_serving(f"127.0.0.1:{self.port}", 60)
-        await _wait_serving(f"127.0.0.1:{self.health}", 600)
-        return f"127.0.0.1:{self.port}"
-
-    async def __aexit__(self, *exc) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+@contextlib.asynccontextmanager
+async def _stack(a: argparse.Namespace):
+    """Scheduler (fcfs, as many slots as the worker) and worker as separate processes."""
+    prefix = f"dynabatch-sidecar-{os.getpid()}:"
+    async with procs.worker(a.redis_url, prefix, a.model, a.device, a.max_running), \
+            procs.scheduler(a.redis_url, prefix, a.model, "fcfs",
+                            [f"max_num_seqs={a.max_running}"]) as sched:
+        yield sched.health
+    procs.drop_keys(a.redis_url, prefix)
 
 
 def _added(direct: dict, stack: dict) -> dict:
@@ -137,7 +94,7 @@ def run(a: argparse.Namespace) -> dict:
     _empty_cache()
 
     async def through_stack() -> tuple[dict, dict]:
-        async with Processes(a) as target:
+        async with _stack(a) as target:
             await replay(offline_trace(min(8, a.requests), a.prompt, 8), target)    # warm-up
             off = summarize(await replay(offline, target, 600.0, 60.0, a.vocab, a.seed))
             mod = summarize(await replay(moderate, target, 600.0, 60.0, a.vocab, a.seed))

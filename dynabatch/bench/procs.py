@@ -1,0 +1,105 @@
+"""The deployed stack as child processes, for benchmarks that measure the real path.
+
+`dynabatch scheduler` and `dynabatch worker` run exactly as in a deployment (separate processes,
+sharing a Redis key prefix); each is an async context manager that waits until the process's
+gRPC health service says SERVING and stops it on exit (SIGTERM, then SIGKILL after a grace).
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
+_CLI = [sys.executable, "-m", "dynabatch.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_serving(target: str, timeout_s: float, proc: subprocess.Popen | None = None,
+                       name: str = "process") -> None:
+    """Poll grpc.health on `target` until SERVING; fail at once if `proc` exits meanwhile."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {proc.returncode} before serving")
+            try:
+                resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.25)
+    raise TimeoutError(f"{name} at {target} not SERVING after {timeout_s:.0f} s")
+
+
+class Child:
+    """One `dynabatch ...` child process, SERVING on `health` between enter and exit."""
+
+    def __init__(self, name: str, args: list[str], health: str, startup_s: float) -> None:
+        self.name, self.cmd, self.health, self.startup_s = name, _CLI + args, health, startup_s
+        self.proc: subprocess.Popen | None = None
+
+    async def __aenter__(self) -> "Child":
+        self.proc = subprocess.Popen(self.cmd)
+        try:
+            await wait_serving(self.health, self.startup_s, self.proc, self.name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def drop_keys(redis_url: str, prefix: str) -> None:
+    """Delete every key under `prefix` (a benchmark's own namespace) once its processes are gone."""
+    import redis
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=prefix + "*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+def _common(redis_url: str, prefix: str) -> list[str]:
+    return ["--redis-url", redis_url, "--redis-prefix", prefix, "--log-level", "WARNING"]
+
+
+def scheduler(redis_url: str, prefix: str, model: str, policy: str,
+              policy_opts: list[str] = ()) -> Child:
+    """`dynabatch scheduler`; its gRPC address is `child.health` (health shares the port)."""
+    addr = f"127.0.0.1:{free_port()}"
+    opts = [x for o in policy_opts for x in ("--policy-opt", o)]
+    return Child(f"scheduler ({policy})", ["scheduler", *_common(redis_url, prefix), "--listen",
+                                           addr, "--model", model, "--policy", policy, *opts],
+                 addr, 60)
+
+
+def worker(redis_url: str, prefix: str, model: str, device: str, max_running: int,
+           kv_blocks: int | None = None, engine: str = "torch") -> Child:
+    """`dynabatch worker`; start-up includes model load and CUDA-graph capture."""
+    health = f"127.0.0.1:{free_port()}"
+    kv = ["--kv-blocks", str(kv_blocks)] if kv_blocks else []
+    return Child("worker", ["worker", *_common(redis_url, prefix), "--model", model, "--engine",
+                            engine, "--device", device, "--max-running", str(max_running), *kv,
+                            "--health-listen", health], health, 600)
