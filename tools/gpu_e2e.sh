@@ -55,13 +55,14 @@ for stage in "$@"; do
                --batches 1,16,64 --prompt-len 1024 --output-len 128 --mixed-requests 64 --mixed-output 32 \
                --baseline-batches none --json "$OUT/engine_h200_8b.json" 2>&1 | tee "$OUT/engine8b.log" ;;
     live1b-a) live live_1b_a 230 llama-3.2-1b-shape --seconds 20 \
-               --point fcfs@50,65,80,95 --point dynamic@50,65,80,95 ;;
+               --point fcfs@25,35,45,55 --point dynamic@25,35,45,55 ;;
     live1b-b) live live_1b_b 200 llama-3.2-1b-shape --seconds 20 \
-               --point multibin@50,65,80,95 --point static@4,8 --point naive@30,45 ;;
-    live8b-a) live live_8b_a 420 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 40 \
-               --point fcfs@2,3,4 --point dynamic@2,3,4 ;;
-    live8b-b) live live_8b_b 420 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 40 \
-               --point multibin@2,3,4 --point static@1 --point naive@1 ;;
+               --point multibin@25,35,45,55 --point static@4,8 --point naive@10,20 ;;
+    live8b-a) live live_8b_a 470 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 40 \
+               --point fcfs@1.5,2,2.5,3 --point dynamic@1.5,2,2.5,3 ;;
+    live8b-b) live live_8b_b 470 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 40 \
+               --point multibin@1.5,2,2.5,3 --point fcfs:max_num_seqs=16@2,2.5,3 \
+               --point static@0.5 --point naive@0.5 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

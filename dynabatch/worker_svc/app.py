@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import uuid
 
 import grpc
@@ -66,6 +67,10 @@ async def run_worker(queue: Queue, config: WorkerConfig, engine_factory, stop: a
         port = await endpoint.start()
         log.info("worker health on port %d", port)
     engine = await asyncio.to_thread(engine_factory)
+    # The engine steps in a thread while the event loop does the queue I/O; when the GPU
+    # result arrives the step thread must get the GIL back promptly, not after CPython's
+    # default 5 ms switch interval (longer than a whole decode step of a small model).
+    sys.setswitchinterval(0.0002)
     if endpoint:
         await endpoint.set(True)
     loop = WorkerLoop(queue, engine, config)

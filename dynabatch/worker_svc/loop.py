@@ -72,6 +72,8 @@ class WorkerLoop:
         # share one write (and one delta per request); kept for a retry while the queue is down.
         self._pending: dict[str, TokenOutput] = {}
         self._errors: dict[str, str] = {}
+        self._inbox: list[WorkItem] = []      # pulled during a step, admitted after it
+        self._cancels: list[str] = []         # read during a step, applied after it
         self._last_publish = 0.0
         self._epoch: str | None = None
         self._lost = False       # the queue lost its data (Redis restarted): drop all work
@@ -112,38 +114,66 @@ class WorkerLoop:
         for rid in list(self.owner):
             self.engine.abort(rid)
         self.owner.clear()
+        self._inbox.clear()
+        self._cancels.clear()
         self._pending.clear()
         self._errors.clear()
         if self.tracing:
             self.tracing.close("dropped by the worker")
 
     async def _iteration(self) -> None:
+        """One engine step, with the queue I/O (publish the previous step's deltas, pull new
+        assignments, read cancels) done while the step runs in its thread: the GPU never waits
+        for Redis. What the I/O brings is applied between steps (the engine is not
+        thread-safe); a failed I/O keeps the step's outputs pending for the next write."""
         if self._lost:
             log.warning("worker %s: the queue lost its data; dropping %d requests",
                         self.cfg.worker_id, len(self.owner))
             self._abort_all()
             self._lost = False
-        if self._pending or self._errors:
-            await self._publish([])
-        busy = self.engine.has_work()
-        if self.accepting:
-            items = await self.queue.pull(self.cfg.worker_id, self.cfg.max_pull,
-                                          0 if busy else self.cfg.idle_poll_s)
-            for item in items:
-                await self._admit(item)
-        for control in await self.queue.read_control(self.cfg.worker_id):
-            for rid in control.cancel_request_ids:
-                if self.engine.abort(rid):
-                    await self._publish([TokenOutput(rid, [], 0, "abort")])
-        if self.engine.has_work():
-            outputs = await self._step()
-            due = time.perf_counter() - self._last_publish >= self.cfg.publish_interval_s
-            with self._step_span(outputs):
-                await self._publish(outputs, flush=due or not self.engine.has_work())
-            self._step_done()
-        else:
+        if not self.engine.has_work():
             self._last_step_end = None
+            try:
+                await self._io(idle=True)
+            finally:
+                self._apply_inbox()
+            if self._pending or self._errors:     # e.g. an assignment the engine refused
+                await self._publish()
+            self._refresh_feedback()
+            return
+        step = asyncio.create_task(self._step())
+        try:
+            await asyncio.sleep(0)          # let the step reach its thread before the I/O starts
+            await self._io(idle=False)
+        finally:
+            outputs = await step
+            with self._step_span(outputs):
+                self._merge(outputs)
+            self._apply_inbox()
+            self._step_done()
+        if not self.engine.has_work():      # nothing will step next: send what is left now
+            await self._publish()
         self._refresh_feedback()
+
+    async def _io(self, idle: bool) -> None:
+        due = time.perf_counter() - self._last_publish >= self.cfg.publish_interval_s
+        if (self._pending or self._errors) and (idle or due):
+            await self._publish()
+        if self.accepting:
+            self._inbox.extend(await self.queue.pull(
+                self.cfg.worker_id, self.cfg.max_pull, self.cfg.idle_poll_s if idle else 0))
+        for control in await self.queue.read_control(self.cfg.worker_id):
+            self._cancels.extend(control.cancel_request_ids)
+
+    def _apply_inbox(self) -> None:
+        """Between steps: admit pulled assignments, apply cancels read meanwhile."""
+        items, self._inbox = self._inbox, []
+        for item in items:
+            self._admit(item)
+        cancels, self._cancels = self._cancels, []
+        for rid in cancels:
+            if self.engine.abort(rid):
+                self._merge([TokenOutput(rid, [], 0, "abort")])
 
     async def _step(self) -> list[TokenOutput]:
         """One engine step: in a thread (the event loop stays responsive), or inline for an
@@ -166,8 +196,9 @@ class WorkerLoop:
             self._period_ms = ms if not self._period_ms else 0.9 * self._period_ms + 0.1 * ms
         self._last_step_end = now
 
-    async def _admit(self, item: WorkItem) -> None:
-        """Hand an assignment to the engine; one it cannot take fails alone (never the worker)."""
+    def _admit(self, item: WorkItem) -> None:
+        """Hand an assignment to the engine; one it cannot take fails alone (never the worker):
+        its error goes out with the next publish."""
         self.owner[item.request_id] = (item.scheduler_id, item.attempt)
         if self.tracing:
             self.tracing.pulled(item)
@@ -177,7 +208,7 @@ class WorkerLoop:
             self.engine.add(to_sequence(item))
         except Exception as e:   # a bad item must not take the worker down
             log.error("worker %s rejected %s: %s", self.cfg.worker_id, item.request_id, e)
-            await self._publish([], errors={item.request_id: str(e)})
+            self._errors[item.request_id] = str(e)
 
     def _step_span(self, outputs: list[TokenOutput]):
         if self.tracing is None:
@@ -185,13 +216,10 @@ class WorkerLoop:
         record = getattr(self.engine, "last_step", None)
         return self.tracing.step(outputs, self._step_start_ns, record.kind if record else "step")
 
-    async def _publish(self, outputs: list[TokenOutput], errors: dict[str, str] | None = None,
-                       flush: bool = True) -> None:
-        """Add outputs to the pending deltas; with `flush`, send them all (one write per
-        scheduler). Pending deltas survive a failed write and go with the next one."""
-        self._merge(outputs)
-        self._errors.update(errors or {})
-        if not flush or not (self._pending or self._errors):
+    async def _publish(self) -> None:
+        """Send the pending deltas and errors (one write per scheduler). They survive a failed
+        write and go with the next one."""
+        if not (self._pending or self._errors):
             return
         batches: dict[str, TokenDeltaBatch] = defaultdict(TokenDeltaBatch)
         done = []

@@ -105,8 +105,8 @@ class WorkerTracing:
 
     @contextlib.contextmanager
     def step(self, outputs: list[TokenOutput], start_ns: int, step_kind: str) -> Iterator[None]:
-        """Around publishing a step's outputs; every step_every-th step gets a span (current
-        while its tokens are published) that started when the step did."""
+        """Around taking in a step's outputs; every step_every-th step gets a span that started
+        when the step did and links the requests it served."""
         self._steps += 1
         if self._steps % self.step_every:
             yield
