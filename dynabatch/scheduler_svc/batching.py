@@ -48,11 +48,13 @@ class BatchingLoop:
         self.backoff = Backoff()
 
     async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
+            timer = loop.call_later(self.tick_s, self.wake.set)   # (wait_for costs a task)
             try:
-                await asyncio.wait_for(self.wake.wait(), self.tick_s)
-            except TimeoutError:
-                pass
+                await self.wake.wait()
+            finally:
+                timer.cancel()
             self.wake.clear()
             started = time.monotonic()
             try:

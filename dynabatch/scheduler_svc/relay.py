@@ -12,7 +12,7 @@ from dynabatch.scheduler_svc.policy import Policy
 from dynabatch.scheduler_svc.requests import Failure, RequestTable, Tracked
 from dynabatch.scheduler_svc.telemetry import SchedulerTelemetry
 from dynabatch.v1.scheduler_pb2 import FinishReason
-from dynabatch.v1.worker_pb2 import TokenDelta
+from dynabatch.v1.worker_pb2 import TokenDelta, TokenDeltaBatch
 from dynabatch.wire.backoff import Backoff
 from dynabatch.wire.queue import Queue, QueueError
 
@@ -38,29 +38,35 @@ class Relay:
                 continue
             now = time.monotonic()
             for batch in batches:
-                for delta in batch.deltas:
-                    if self._fast(delta, now):
-                        continue
+                for delta in self._relay(batch, now):
                     try:
                         await self.handle(delta, now)
                     except QueueError as e:   # the request stays; its client may time out
                         log.warning("relay: %s for %s", e, delta.request_id)
 
-    def _fast(self, delta: TokenDelta, now: float) -> bool:
-        """The common case without a coroutine: tokens of a live request that do not end it.
-        False: `handle` must take it."""
-        if delta.finish_reason or delta.worker_lost or delta.preempted:
-            return False
-        tracked = self.table.by_id.get(delta.request_id)
-        if tracked is None or delta.attempt != tracked.item.attempt:
-            return True
-        before = len(tracked.output)
-        try:
-            tracked.accept(delta, now)
-        except ValueError:
-            return False             # a gap: handle() fails it
-        self.telemetry.delta(tracked, delta, len(tracked.output) - before)
-        return True
+    def _relay(self, batch: TokenDeltaBatch, now: float) -> list[TokenDelta]:
+        """The common case in one pass, without a coroutine: tokens of live requests that do
+        not end them. Returns the deltas `handle` must take (ends, losses, preemptions, gaps)."""
+        rest = []
+        live = self.table.by_id
+        per_delta = self.telemetry.tracer is not None     # spans look at each delta
+        added = 0
+        for delta in batch.deltas:
+            if delta.finish_reason or delta.worker_lost or delta.preempted:
+                rest.append(delta)
+                continue
+            tracked = live.get(delta.request_id)
+            if tracked is None or delta.attempt != tracked.item.attempt:
+                continue              # ended meanwhile, or from a superseded run
+            new = tracked.add(delta.offset, delta.token_ids, now)
+            if new < 0:
+                rest.append(delta)    # a gap: handle() fails the request
+            elif per_delta:
+                self.telemetry.delta(tracked, delta, new)
+            else:
+                added += new
+        self.telemetry.relayed(added)
+        return rest
 
     async def handle(self, delta: TokenDelta, now: float) -> None:
         tracked = self.table.get(delta.request_id)

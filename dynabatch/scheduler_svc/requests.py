@@ -19,6 +19,8 @@ from dynabatch.scheduler_svc.detok import IncrementalDetokenizer
 from dynabatch.v1.scheduler_pb2 import FinishReason, GenerateResponse, Timings
 from dynabatch.v1.worker_pb2 import TokenDelta, WorkItem
 
+UNSPECIFIED = FinishReason.FINISH_REASON_UNSPECIFIED    # (enum lookups by name are slow)
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -50,23 +52,39 @@ class Tracked:
 
     def accept(self, delta: TokenDelta, now: float) -> bool:
         """Add a worker's delta to the output; False if it brought nothing new."""
-        skip = len(self.output) - delta.offset
-        if skip < 0:
+        new = self._add(delta.offset, delta.token_ids, now)
+        if new < 0:
             raise ValueError(f"gap in {self.item.request_id}: expected offset {len(self.output)}, "
                              f"got {delta.offset}")
-        new = delta.token_ids[skip:]
-        final = delta.finish_reason != FinishReason.FINISH_REASON_UNSPECIFIED
-        if not new and not final:
-            return False
-        if new:
-            self.output.extend(new)
-            self.first_token_at = self.first_token_at or now
-            self.last_token_at = now
+        final = delta.finish_reason != UNSPECIFIED
         if final:
             self.finish_reason = delta.finish_reason
             self.final_timings = self.timings(now)
+        if not new and not final:
+            return False
         self._notify()
         return True
+
+    def add(self, offset: int, token_ids, now: float) -> int:
+        """Tokens from `offset` that do not end the request (the relay's common case): how many
+        were new, -1 on a gap (nothing added)."""
+        new = self._add(offset, token_ids, now)
+        if new > 0:
+            self._notify()
+        return new
+
+    def _add(self, offset: int, token_ids, now: float) -> int:
+        skip = len(self.output) - offset
+        if skip < 0:
+            return -1
+        new = len(token_ids) - skip
+        if new <= 0:
+            return 0
+        self.output.extend(token_ids[skip:] if skip else token_ids)
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        return new
 
     def fail(self, failure: Failure) -> None:
         self.failure = failure

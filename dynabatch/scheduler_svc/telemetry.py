@@ -213,6 +213,10 @@ class SchedulerTelemetry:
         rpc.span.set_attributes(attrs)
         rpc.span.add_event("admitted", attrs)
 
+    def relayed(self, new: int) -> None:
+        """`new` output tokens were relayed (counted in bulk when no span needs each delta)."""
+        self.metrics.output_total += new
+
     def delta(self, tracked: Tracked, delta: TokenDelta, new: int) -> None:
         """A worker's delta was added to a live request's output (`new` tokens of it were new).
         Called for every delta: unsampled requests cost a dict miss, sampled ones look at the

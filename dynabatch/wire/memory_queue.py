@@ -21,11 +21,12 @@ class _Mailbox:
             self.ready.set()
 
     async def take(self, limit: int, timeout_s: float) -> list:
-        if not self.items and timeout_s > 0:
+        if not self.items and timeout_s > 0:    # (wait_for would cost a task per call)
+            timer = asyncio.get_running_loop().call_later(timeout_s, self.ready.set)
             try:
-                await asyncio.wait_for(self.ready.wait(), timeout_s)
-            except TimeoutError:
-                pass
+                await self.ready.wait()
+            finally:
+                timer.cancel()
         taken, self.items = self.items[:limit], self.items[limit:]
         if not self.items:
             self.ready.clear()
