@@ -3,7 +3,9 @@ preemption by recompute) with step times from a :class:`LatencyModel`.
 
 It mirrors the real engine contract (worker_svc/engine/api.py): requests queue at the worker, join
 the running batch while ``max_running`` and the KV pool allow (first come first served), are
-prefilled in chunks of at most ``max_batch_tokens`` per step alongside the decodes, and hold
+prefilled in chunks of at most ``max_batch_tokens`` per step alongside the decodes (or, for a
+model with ``alternate_prefill``, like this project's engine, in prefill-only steps that
+alternate with decode-only steps), and hold
 ``ceil((prompt + generated) / block_size)`` blocks. When decodes outgrow the pool, the most
 recently admitted sequence is preempted: its blocks are freed and it goes back to the front of
 the worker's queue to be prefilled again (prompt + tokens generated so far).
@@ -48,7 +50,7 @@ class Plan:
     start: float
     cum_ms: list[float]                          # cumulative time after step j (1-based: [j-1])
     chunks: list[tuple[Seq, int]] = field(default_factory=list)   # prefill (single-step plans)
-    batch: int = 0
+    batch: int = 0                               # decoding sequences that advance
 
     @property
     def k(self) -> int:
@@ -73,6 +75,7 @@ class SimWorker:
         self.steps = 0
         self.preemptions = 0
         self.busy_ms = 0.0
+        self.last_was_prefill = False
         # Measurements since the last feedback (means are reported, like EngineStats).
         self.acc_ms = self.acc_batch = 0.0
         self.acc_steps = 0
@@ -121,34 +124,47 @@ class SimWorker:
         if not self.running():
             self.plan = None
             return None
-        m, b = self.m, len(self.decoding)
-        ctx = sum(s.tokens for s in self.decoding)
-        if self.prefilling:
-            budget, chunks, toks, attn = max(0, m.max_batch_tokens - b), [], 0, 0.0
-            for s in self.prefilling:
-                t = min(budget, s.to_prefill - s.prefix)
-                if t <= 0:
-                    break
-                chunks.append((s, t))
-                budget -= t
-                toks += t
-                attn += t * (s.prefix + t / 2)
-                ctx += s.prefix  # the chunk reads the KV of its already-prefilled prefix
-            plan = Plan(now, [m.step_ms(b, ctx, toks, attn)], chunks, b)
+        alt = self.m.alternate_prefill
+        if self.prefilling and (not alt or not self.decoding or not self.last_was_prefill):
+            plan = self._prefill_plan(now, decodes=not alt)
         else:
-            k = min(self.k_max, min(s.target - s.generated for s in self.decoding))
-            growth, free = self._growth_steps(), m.kv_blocks_total - self.used
-            if len(growth) > free and growth[free] - 1 < k:
-                k = growth[free] - 1
-            one = m.base_ms + m.per_seq_ms * b + m.per_ctx_ms * ctx
-            cum, acc = [], 0.0
-            for j in range(k):
-                acc += one + m.per_ctx_ms * b * j
-                cum.append(acc)
-            plan = Plan(now, cum, [], b)
+            plan = self._decode_plan(now, single=alt and bool(self.prefilling))
+        self.last_was_prefill = bool(plan.chunks)
         self.plan = plan
         self.version += 1
         return plan.end
+
+    def _prefill_plan(self, now: float, decodes: bool) -> Plan:
+        """One step of prefill chunks (up to max_batch_tokens), with the decodes if ``decodes``."""
+        m = self.m
+        b = len(self.decoding) if decodes else 0
+        ctx = sum(s.tokens for s in self.decoding) if decodes else 0
+        budget, chunks, toks, attn = max(0, m.max_batch_tokens - b), [], 0, 0.0
+        for s in self.prefilling:
+            t = min(budget, s.to_prefill - s.prefix)
+            if t <= 0:
+                break
+            chunks.append((s, t))
+            budget -= t
+            toks += t
+            attn += t * (s.prefix + t / 2)
+            ctx += s.prefix  # the chunk reads the KV of its already-prefilled prefix
+        return Plan(now, [m.step_ms(b, ctx, toks, attn)], chunks, b)
+
+    def _decode_plan(self, now: float, single: bool) -> Plan:
+        """Decode-only steps: a macro step of up to k_max (1 when ``single``)."""
+        m, b = self.m, len(self.decoding)
+        ctx = sum(s.tokens for s in self.decoding)
+        k = 1 if single else min(self.k_max, min(s.target - s.generated for s in self.decoding))
+        growth, free = self._growth_steps(), m.kv_blocks_total - self.used
+        if len(growth) > free and growth[free] - 1 < k:
+            k = growth[free] - 1
+        one = m.base_ms + m.loop_ms + m.per_seq_ms * b + m.per_ctx_ms * ctx
+        cum, acc = [], 0.0
+        for j in range(k):
+            acc += one + m.per_ctx_ms * b * j
+            cum.append(acc)
+        return Plan(now, cum, [], b)
 
     def cut(self, now: float) -> float | None:
         """New work arrived at ``now``: end the current macro step at the next step boundary.
@@ -176,8 +192,9 @@ class SimWorker:
         self.acc_ms += p.cum_ms[-1]
         self.acc_batch += p.batch * k + len(p.chunks)
         self.acc_steps += k
-        for s in self.decoding:
-            s.generated += k
+        if p.batch:
+            for s in self.decoding:
+                s.generated += k
         used_delta = 0
         for s, t in p.chunks:
             s.prefix += t

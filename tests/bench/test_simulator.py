@@ -95,3 +95,29 @@ def test_new_work_joins_at_the_next_step_boundary() -> None:
     assert b.assigned_s == 0.5
     assert 0 < b.ttft <= one_step + mixed + 1e-12
     assert a.outcome is Outcome.OK and b.outcome is Outcome.OK
+
+
+
+def test_alternating_engine_prefills_alone_and_stalls_decodes() -> None:
+    """With alternate_prefill (this project's engine) a prefill step carries no decodes: a
+    running request gains no token during it, and the steps alternate while both kinds wait."""
+    from dynabatch.bench.simworker import Seq, SimWorker
+    m = dataclasses.replace(load_model("h200-llama1b"), alternate_prefill=True,
+                            max_batch_tokens=2048)
+    w = SimWorker("w", m)
+    a = Seq("a", 0, prompt=64, target=50)
+    w.add(a)
+    t = w.start(0.0)
+    w.finish_plan(t)
+    assert a.generated == 1                       # its prefill gave the first token
+    w.add(Seq("b", 1, prompt=3000, target=5))     # two chunks at 2048 tokens per step
+    kinds = []
+    for _ in range(4):
+        end = w.start(t)
+        prefill = bool(w.plan.chunks)
+        kinds.append("prefill" if prefill else "decode")
+        before = a.generated
+        w.finish_plan(end)
+        assert a.generated - before == (0 if prefill else 1)   # one decode step at a time
+        t = end
+    assert kinds == ["decode", "prefill", "decode", "prefill"]   # a's prefill came last
