@@ -8,7 +8,7 @@
 #   engine8b      engine benchmark of the Llama-3.1-8B shape (the constrained setting's latency
 #                 model is fitted to it)                             -> engine_h200_8b.json
 #   live1b-a/-b   capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
-#   live8b-a/-b   capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b_*.json
+#   live8b        capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b.json
 # Inputs that are not in git (all git-ignored), made here in the repo root before the run:
 #   .whl:   wheels the machine lacks (grpcio/protobuf at the versions of our generated code,
 #           redis, opentelemetry):
@@ -56,13 +56,10 @@ for stage in "$@"; do
                --baseline-batches none --json "$OUT/engine_h200_8b.json" 2>&1 | tee "$OUT/engine8b.log" ;;
     live1b-a) live live_1b_a 230 llama-3.2-1b-shape --seconds 20 \
                --point fcfs@25,35,45,55 --point dynamic@25,35,45,55 ;;
-    live1b-b) live live_1b_b 200 llama-3.2-1b-shape --seconds 20 \
-               --point multibin@25,35,45,55 --point static@4,8 --point naive@10,20 ;;
-    live8b-a) live live_8b_a 470 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 40 \
-               --point fcfs@1.5,2,2.5,3 --point dynamic@1.5,2,2.5,3 ;;
-    live8b-b) live live_8b_b 470 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 40 \
-               --point multibin@1.5,2,2.5,3 --point fcfs:max_num_seqs=16@2,2.5,3 \
-               --point static@0.5 --point naive@0.5 ;;
+    live1b-b) live live_1b_b 60 llama-3.2-1b-shape --seconds 20 --point static@4 --point naive@10 ;;
+    live8b)   live live_8b 500 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
+               --point fcfs@1.5,2,2.5,3 --point dynamic@1.5,2,2.5,3 \
+               --point fcfs:max_num_seqs=16@2,2.5,3 --point multibin@2,2.5,3 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
