@@ -54,12 +54,12 @@ for stage in "$@"; do
     engine8b) timeout 240 python3 -m dynabatch.bench.engine_bench --model llama-3.1-8b-shape --device cuda \
                --batches 1,16,64 --prompt-len 1024 --output-len 128 --mixed-requests 64 --mixed-output 32 \
                --baseline-batches none --json "$OUT/engine_h200_8b.json" 2>&1 | tee "$OUT/engine8b.log" ;;
-    live1b-a) live live_1b_a 230 llama-3.2-1b-shape --seconds 20 \
-               --point fcfs@25,35,45,55 --point dynamic@25,35,45,55 ;;
+    live1b-a) live live_1b_a 200 llama-3.2-1b-shape --seconds 20 \
+               --point fcfs@30,40,50 --point dynamic@30,40,50 ;;
     live1b-b) live live_1b_b 60 llama-3.2-1b-shape --seconds 20 --point static@4 --point naive@10 ;;
-    live8b)   live live_8b 500 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
-               --point fcfs@1.5,2,2.5,3 --point dynamic@1.5,2,2.5,3 \
-               --point fcfs:max_num_seqs=16@2,2.5,3 --point multibin@2,2.5,3 ;;
+    live8b)   live live_8b 330 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
+               --point fcfs@2,2.5,3 --point dynamic@2,2.5,3 \
+               --point fcfs:max_num_seqs=16@2.5 --point multibin@2.5 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
