@@ -7,7 +7,7 @@
 #                 worker), Llama-3.2-1B shape                        -> sidecar_h200.json
 #   engine8b      engine benchmark of the Llama-3.1-8B shape (the constrained setting's latency
 #                 model is fitted to it)                             -> engine_h200_8b.json
-#   live1b-a/-b   capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
+#   live1b-a/b/c  capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
 #   live8b        capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b.json
 # Inputs that are not in git (all git-ignored), made here in the repo root before the run:
 #   .whl:   wheels the machine lacks (grpcio/protobuf at the versions of our generated code,
@@ -57,9 +57,9 @@ for stage in "$@"; do
     live1b-a) live live_1b_a 200 llama-3.2-1b-shape --seconds 20 \
                --point fcfs@30,40,50 --point dynamic@30,40,50 ;;
     live1b-b) live live_1b_b 60 llama-3.2-1b-shape --seconds 20 --point static@4 --point naive@10 ;;
-    live8b)   live live_8b 330 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
-               --point fcfs@2,2.5,3 --point dynamic@2,2.5,3 \
-               --point fcfs:max_num_seqs=16@2.5 --point multibin@2.5 ;;
+    live8b)   live live_8b 200 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
+               --point fcfs@2,3 --point dynamic@2,3 --point fcfs:max_num_seqs=16@3 ;;
+    live1b-c) live live_1b_c 130 llama-3.2-1b-shape --seconds 20 --point dynamic@30,40,50 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
