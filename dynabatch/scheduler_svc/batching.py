@@ -13,7 +13,7 @@ from collections import defaultdict
 import grpc
 
 from dynabatch.scheduler_svc.policy import Assigned, Decision, Policy, Waiting, WorkerView
-from dynabatch.scheduler_svc.requests import Failure, RequestTable
+from dynabatch.scheduler_svc.requests import Failure, RequestTable, Tracked
 from dynabatch.scheduler_svc.telemetry import SchedulerTelemetry
 from dynabatch.v1.worker_pb2 import WorkerControl, WorkerFeedback, WorkItem
 from dynabatch.wire.backoff import Backoff
@@ -29,6 +29,19 @@ def to_waiting(item: WorkItem) -> Waiting:
                    priority=item.priority or 2, expected_output_tokens=item.expected_output_tokens,
                    ttft_target_s=item.ttft_target_ms / 1000, tpot_target_s=item.tpot_target_ms / 1000,
                    queue_deadline_s=deadline, resumed=item.attempt > 0)
+
+
+def _assigned(t: Tracked) -> Assigned:
+    """A running request as the policy sees it, rebuilt only when it changed: every tick reads
+    every running request, most of which have not moved since the last one."""
+    key = (len(t.output), t.item.predicted_output_tokens, t.item.bin)
+    if t.policy_view is None or t.policy_view[0] != key:
+        item = t.item
+        t.policy_view = (key, Assigned(
+            request_id=item.request_id, prompt_tokens=len(item.prompt_token_ids),
+            predicted_output_tokens=item.predicted_output_tokens or item.max_tokens,
+            generated_tokens=key[0], bin=item.bin))
+    return t.policy_view[1]
 
 
 class BatchingLoop:
@@ -113,11 +126,7 @@ class BatchingLoop:
                 self.telemetry.assigned(tracked, worker_id, decision)
 
     def _view(self, fb: WorkerFeedback, now: float) -> WorkerView:
-        assigned = tuple(
-            Assigned(request_id=t.item.request_id, prompt_tokens=len(t.item.prompt_token_ids),
-                     predicted_output_tokens=t.item.predicted_output_tokens or t.item.max_tokens,
-                     generated_tokens=len(t.output), bin=t.item.bin)
-            for t in self.table.on_worker(fb.worker_id))
+        assigned = tuple(_assigned(t) for t in self.table.on_worker(fb.worker_id))
         return WorkerView(worker_id=fb.worker_id, kv_blocks_total=fb.kv_blocks_total,
                           kv_blocks_used=fb.kv_blocks_used, kv_block_size=fb.kv_block_size or 16,
                           max_running=fb.max_running, max_model_len=fb.max_model_len,

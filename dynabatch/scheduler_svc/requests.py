@@ -44,6 +44,7 @@ class Tracked:
     detached: Failure | None = None                  # ends the streams only (request lives on)
     detached_gen: int = 0                            # streams started before a detach end
     streams: int = 0                                 # client streams following it now
+    policy_view: tuple | None = None                 # (key, Assigned): batching's cache
     _listeners: set[asyncio.Event] = field(default_factory=set)
 
     @property
