@@ -87,7 +87,9 @@ class LatencyModel:
                 f"{p.get('date', '?')}): decode(1, 1k ctx) {self.decode_ms(1, 1024):.2f} ms, "
                 f"decode(64, 64k ctx) {self.decode_ms(64, 65536):.2f} ms, prefill(1k) "
                 f"{self.prefill_ms(1024):.2f} ms, KV {self.kv_blocks_total} x "
-                f"{self.kv_block_size} tokens, max_running {self.max_running}")
+                f"{self.kv_block_size} tokens, max_running {self.max_running}"
+                + (f", serving loop {self.loop_ms:g} ms/step" if self.loop_ms else "")
+                + (", prefill and decode in alternating steps" if self.alternate_prefill else ""))
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL) -> LatencyModel:

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--live", required=True, help="live_capacity JSON")
     ap.add_argument("--trace", required=True)
     ap.add_argument("--model", required=True, help="latency model: name or JSON (engine bench)")
-    ap.add_argument("--fit-loop-ms", action="store_true")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--fit-loop-ms", action="store_true", help="fit loop_ms to this live run")
+    g.add_argument("--loop-ms", type=float, help="use this loop_ms (e.g. fitted to another run)")
     ap.add_argument("--grid", default="0,0.5,1,1.5,2,3,4,6,8")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.fit_loop_ms:
         best, loss = fit_loop_ms(live, trace, model, [float(x) for x in a.grid.split(",")])
         model = replace(model, loop_ms=best)
+    elif a.loop_ms is not None:
+        model = replace(model, loop_ms=a.loop_ms)
     rows = compare(live, trace, model)
     out = {"live": a.live, "model": model.to_json(), "loop_ms_fit_loss": loss, "points": rows}
     print(f"latency model {model.describe()}, loop_ms {model.loop_ms}")
