@@ -154,7 +154,7 @@ class RedisServer:
             self.proc.wait(5)
 
 
-def _need_redis_server() -> None:
+def need_redis_server() -> None:
     if shutil.which("redis-server") is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed (.ci/run installs it)")
@@ -164,7 +164,7 @@ def _need_redis_server() -> None:
 @pytest.fixture
 def private_redis(tmp_path):
     """A redis-server of this test's own, on a free loopback port, no persistence, with AUTH."""
-    _need_redis_server()
+    need_redis_server()
     server = RedisServer(free_port(), "s3cret-" + uuid.uuid4().hex[:8], tmp_path)
     server.start()
     yield server

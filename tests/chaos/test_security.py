@@ -27,7 +27,7 @@ from dynabatch.scheduler_svc.security import TlsFiles
 from dynabatch.wire.queue import QueueUnavailable
 from dynabatch.wire.redis_queue import RedisQueue
 
-from .conftest import (MODEL, RedisServer, _need_redis_server, free_port, purge, wait_for)
+from .conftest import MODEL, RedisServer, free_port, need_redis_server, purge, wait_for
 
 TOKEN = "tok-" + "9f8e7d6c5b4a" * 3
 
@@ -119,7 +119,7 @@ async def test_redis_auth_and_redacted_url(private_redis, prefix, caplog):
 @pytest.fixture
 def tls_redis(pki, tmp_path):
     """A redis-server of this test's own serving TLS only (certificate from `pki`), with AUTH."""
-    _need_redis_server()
+    need_redis_server()
     server = RedisServer(free_port(), "tls-s3cret-" + uuid.uuid4().hex[:8], tmp_path,
                          tls={"cert": pki["server"], "key": pki["server_key"], "ca": pki["ca"]})
     try:
