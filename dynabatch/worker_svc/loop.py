@@ -74,6 +74,7 @@ class WorkerLoop:
         self._errors: dict[str, str] = {}
         self._inbox: list[WorkItem] = []      # pulled during a step, admitted after it
         self._cancels: list[str] = []         # read during a step, applied after it
+        self._urgent = False                  # pending holds a first token or a finish
         self._last_publish = 0.0
         self._epoch: str | None = None
         self._lost = False       # the queue lost its data (Redis restarted): drop all work
@@ -157,7 +158,7 @@ class WorkerLoop:
 
     async def _io(self, idle: bool) -> None:
         due = time.perf_counter() - self._last_publish >= self.cfg.publish_interval_s
-        if (self._pending or self._errors) and (idle or due):
+        if (self._pending or self._errors) and (idle or due or self._urgent):
             await self._publish()
         if self.accepting:
             self._inbox.extend(await self.queue.pull(
@@ -241,7 +242,7 @@ class WorkerLoop:
             await self.queue.publish(dict(batches))
         if self.tracing:
             self.tracing.published(self._pending, done, self._errors)
-        self._pending, self._errors = {}, {}
+        self._pending, self._errors, self._urgent = {}, {}, False
         self._last_publish = time.perf_counter()
         for rid in done:
             self.owner.pop(rid, None)
@@ -249,8 +250,12 @@ class WorkerLoop:
             await self.queue.ack(self.cfg.worker_id, done)
 
     def _merge(self, outputs: list[TokenOutput]) -> None:
-        """Consecutive outputs of one request become one (contiguous tokens, last finish)."""
+        """Consecutive outputs of one request become one (contiguous tokens, last finish).
+        A first token or a finish makes the next publish urgent (TTFT and end-to-end latency
+        do not wait for publish_interval_s)."""
         for out in outputs:
+            if out.finish_reason or (out.offset == 0 and out.token_ids):
+                self._urgent = True
             prev = self._pending.get(out.request_id)
             if prev is None or prev.finish_reason:
                 self._pending[out.request_id] = TokenOutput(out.request_id, list(out.token_ids),
