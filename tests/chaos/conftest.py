@@ -230,6 +230,14 @@ async def purge(redis_url: str, prefix: str) -> None:
     await queue.close()
 
 
+async def has_worker(client: AsyncDynabatchClient) -> bool:
+    """The scheduler answers and sees at least one live worker."""
+    try:
+        return bool((await client.stats()).workers)
+    except DynabatchError:
+        return False
+
+
 def live_workers(stack) -> set[str]:
     return {w.worker_id for w in stack.scheduler.batching.workers}
 

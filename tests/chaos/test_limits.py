@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from dynabatch.client import (AsyncDynabatchClient, DynabatchError, InvalidArgument,
-                              ResourceExhausted)
+from dynabatch.client import AsyncDynabatchClient, InvalidArgument, ResourceExhausted
 
-from .conftest import MODEL, expected_tokens, free_port, purge, wait_for
+from .conftest import MODEL, expected_tokens, free_port, has_worker, purge, wait_for
 
 MAX_PROMPT = 16
 MAX_BYTES = 4096
@@ -26,17 +25,10 @@ async def target(procs, redis_url, prefix):
                 "--max-prompt-tokens", str(MAX_PROMPT), "--max-message-bytes", str(MAX_BYTES))
     target = f"127.0.0.1:{port}"
     async with AsyncDynabatchClient(target, timeout=5, resume_retries=0) as client:
-        await wait_for(lambda: _has_worker(client), 60, "scheduler serving with a worker",
+        await wait_for(lambda: has_worker(client), 60, "scheduler serving with a worker",
                        every_s=0.2)
     yield target
     await purge(redis_url, prefix)
-
-
-async def _has_worker(client: AsyncDynabatchClient) -> bool:
-    try:
-        return bool((await client.stats()).workers)
-    except DynabatchError:
-        return False
 
 
 async def test_max_prompt_tokens_flag(target):
