@@ -74,6 +74,7 @@ class WorkerLoop:
         self._errors: dict[str, str] = {}
         self._inbox: list[WorkItem] = []      # pulled during a step, admitted after it
         self._cancels: list[str] = []         # read during a step, applied after it
+        self._pull: asyncio.Task | None = None   # the pull in flight (see _take_pulled)
         self._urgent = False                  # pending holds a first token or a finish
         self._last_publish = 0.0
         self._epoch: str | None = None
@@ -91,7 +92,7 @@ class WorkerLoop:
         beats_done = asyncio.Event()
         beats = asyncio.create_task(self._heartbeats(beats_done), name="heartbeats")
         try:
-            while not stop.is_set() or self.engine.has_work():
+            while not stop.is_set() or self.engine.has_work() or self._pull or self._inbox:
                 self.accepting = not stop.is_set()
                 if not self.accepting and not self.drain:
                     self._abort_all()
@@ -102,6 +103,8 @@ class WorkerLoop:
                     await self._backoff.wait(e, self.cfg.worker_id)
         finally:
             self.accepting = False
+            if self._pull is not None:   # only when the loop failed: what it took is reclaimed
+                self._pull.cancel()
             self._refresh_feedback(force=True)
             beats_done.set()
             await beats
@@ -112,6 +115,9 @@ class WorkerLoop:
         log.info("worker %s stopped", self.cfg.worker_id)
 
     def _abort_all(self) -> None:
+        if self._pull is not None:      # what it took stays unacknowledged: reclaimed later
+            self._pull.cancel()
+            self._pull = None
         for rid in list(self.owner):
             self.engine.abort(rid)
         self.owner.clear()
@@ -160,21 +166,35 @@ class WorkerLoop:
         due = time.perf_counter() - self._last_publish >= self.cfg.publish_interval_s
         if (self._pending or self._errors) and (idle or due or self._urgent):
             await self._publish()
-        if self.accepting:
-            self._inbox.extend(await self.queue.pull(
-                self.cfg.worker_id, self.cfg.max_pull, self.cfg.idle_poll_s if idle else 0))
+        if self.accepting and self._pull is None:
+            self._pull = asyncio.create_task(self.queue.pull(
+                self.cfg.worker_id, self.cfg.max_pull, self.cfg.idle_poll_s), name="pull")
+        if idle and self._pull is not None:
+            await asyncio.wait({self._pull})        # at most idle_poll_s
+        self._take_pulled()
         for control in await self.queue.read_control(self.cfg.worker_id):
             self._cancels.extend(control.cancel_request_ids)
 
+    def _take_pulled(self) -> None:
+        """Collect a finished pull. The pull stays in flight across steps, blocking in the queue
+        until work arrives: work assigned mid-step is in hand at the next step boundary, and
+        no step waits for the queue. A failed pull raises here (QueueError: backoff)."""
+        if self._pull is not None and self._pull.done():
+            task, self._pull = self._pull, None
+            self._inbox.extend(task.result())
+
     def _apply_inbox(self) -> None:
         """Between steps: admit pulled assignments, apply cancels read meanwhile."""
-        items, self._inbox = self._inbox, []
-        for item in items:
-            self._admit(item)
-        cancels, self._cancels = self._cancels, []
-        for rid in cancels:
-            if self.engine.abort(rid):
-                self._merge([TokenOutput(rid, [], 0, "abort")])
+        try:
+            self._take_pulled()
+        finally:
+            items, self._inbox = self._inbox, []
+            for item in items:
+                self._admit(item)
+            cancels, self._cancels = self._cancels, []
+            for rid in cancels:
+                if self.engine.abort(rid):
+                    self._merge([TokenOutput(rid, [], 0, "abort")])
 
     async def _step(self) -> list[TokenOutput]:
         """One engine step: in a thread (the event loop stays responsive), or inline for an
