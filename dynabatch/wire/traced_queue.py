@@ -1,9 +1,9 @@
-"""Client spans for the Redis queue calls made on behalf of a traced request or engine step.
+"""Client spans for the Redis queue calls made on behalf of a traced request.
 
 A thin wrapper rather than opentelemetry-instrumentation-redis: that instruments every command
 process-wide, and the scheduler's 5 ms batching tick and the workers' polling would each start a
 trace of their own, burying the requests' traces. Here a call gets a span only when it runs inside
-a recording span (a request being submitted, a sampled engine step publishing its tokens).
+a recording span (a request being submitted).
 
 `submit` also rewrites WorkItem.trace_context to its own span, so the worker's span is a child of
 the Redis write that carried the request: client -> scheduler -> Redis -> worker.

@@ -102,14 +102,13 @@ async def test_one_trace_spans_client_scheduler_redis_worker(otlp, redis_url):
     assert server.span.status.code != ERROR
     assert client.attrs[GA.GEN_AI_USAGE_OUTPUT_TOKENS] == n_tokens
 
-    # sampled engine steps: root spans linking to the request's worker span; a Redis publish
-    # flushed during a sampled step is its child
+    # sampled engine steps: root spans linking to the request's worker span. The worker's
+    # publishes run beside the next step, outside any span: never traced (no stray roots)
     steps = [s for s in receiver.named("engine step")
              if any(ln.span_id == worker.span.span_id for ln in s.span.links)]
     assert 2 <= len(steps) <= n_tokens // STEP_SPAN_EVERY + 1
     assert all(s.span.parent_span_id == b"" for s in steps)
-    step_ids = {s.span.span_id for s in receiver.named("engine step")}
-    assert all(r.span.parent_span_id in step_ids for r in receiver.named("publish redis"))
+    assert not receiver.named("publish redis")
 
 
 async def test_client_joins_the_callers_trace(otlp, redis_url):
