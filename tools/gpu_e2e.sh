@@ -7,8 +7,10 @@
 #                 worker), Llama-3.2-1B shape                        -> sidecar_h200.json
 #   engine8b      engine benchmark of the Llama-3.1-8B shape (the constrained setting's latency
 #                 model is fitted to it)                             -> engine_h200_8b.json
-#   live1b-a/b/c  capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
-#   live8b        capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b.json
+#   live1b-a/-b   capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
+#   live8b-a/-b   capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b_*.json
+# The grids continue bench/results/e2e_h200 (made with this script's stages as of a69d706):
+# fcfs held 100% at the top of its grid in both settings; dynamic on the 8B is unmeasured.
 # Inputs that are not in git (all git-ignored), made here in the repo root before the run:
 #   .whl:   wheels the machine lacks (grpcio/protobuf at the versions of our generated code,
 #           redis, opentelemetry):
@@ -54,12 +56,14 @@ for stage in "$@"; do
     engine8b) timeout 240 python3 -m dynabatch.bench.engine_bench --model llama-3.1-8b-shape --device cuda \
                --batches 1,16,64 --prompt-len 1024 --output-len 128 --mixed-requests 64 --mixed-output 32 \
                --baseline-batches none --json "$OUT/engine_h200_8b.json" 2>&1 | tee "$OUT/engine8b.log" ;;
-    live1b-a) live live_1b_a 200 llama-3.2-1b-shape --seconds 20 \
-               --point fcfs@30,40,50 --point dynamic@30,40,50 ;;
-    live1b-b) live live_1b_b 60 llama-3.2-1b-shape --seconds 20 --point static@4 --point naive@10 ;;
-    live8b)   live live_8b 200 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
-               --point fcfs@2,3 --point dynamic@2,3 --point fcfs:max_num_seqs=16@3 ;;
-    live1b-c) live live_1b_c 130 llama-3.2-1b-shape --seconds 20 --point dynamic@30,40,50 ;;
+    live1b-a) live live_1b_a 400 llama-3.2-1b-shape --seconds 20 \
+               --point dynamic@50,60,70 --point fcfs@60,70 --point multibin@40,50 ;;
+    live1b-b) live live_1b_b 120 llama-3.2-1b-shape --seconds 20 --point static@4 --point naive@10 ;;
+    live8b-a) live live_8b_a 520 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
+               --point dynamic@2,3,4 --point fcfs@4,5 ;;
+    live8b-b) live live_8b_b 520 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
+               --point multibin@2,3,4 --point fcfs:max_num_seqs=16@3,4 --point static@0.5 \
+               --point naive@0.5 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
