@@ -11,7 +11,8 @@ mean rate, open loop through the SDK (bench.replay). A point starts only once th
 Rates of a policy run in increasing order and stop after the first one below the goal.
 Capacity = the highest rate probed at >= goal attainment (a grid, not a bisection: policies
 within one grid step are not distinguished). The JSON is rewritten after every point, so a run
-cut short by --budget-s (or killed) keeps what it measured.
+cut short by --budget-s (or killed) keeps what it measured; each point also keeps every request
+(queue, TTFT, TPOT) and the stats timeline as rows (`raw`), to study tails after the fact.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from dynabatch.bench import procs
 from dynabatch.bench import traces as tr
-from dynabatch.bench.metrics import summarize
+from dynabatch.bench.metrics import raw_rows, summarize
 from dynabatch.bench.replay import replay
 from dynabatch.scheduler_svc.policy import POLICY_NAMES
 
@@ -105,7 +106,7 @@ class Run:
             await _wait_idle(sched.health)
         s = summarize(run)
         s.update(label=p.label, policy=p.policy, opts=list(p.opts), target_rps=rate,
-                 segment_requests=len(seg))
+                 segment_requests=len(seg), raw=raw_rows(run))
         self.data["points"].append(s)
         self.save()
         return s

@@ -74,6 +74,26 @@ class RunResult:
     meta: dict = field(default_factory=dict)
 
 
+RECORD_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens", "queue_ms", "ttft_ms", "tpot_ms",
+                  "outcome")
+TIMELINE_COLUMNS = ("t", "running", "kv_used", "waiting")
+
+
+def raw_rows(result: RunResult) -> dict:
+    """Every request and timeline sample as compact rows (for diagnosing tails after the fact);
+    a time a request never reached is null."""
+    def ms(start: float, end: float) -> float | None:
+        return round((end - start) * 1000, 2) if start >= 0 and end >= 0 else None
+    reqs = [[round(r.arrival_s, 4), r.prompt_tokens, r.output_tokens,
+             ms(r.arrival_s, r.assigned_s), ms(r.arrival_s, r.first_token_s),
+             round(r.tpot * 1000, 3) if r.outcome is Outcome.OK else None, r.outcome.value]
+            for r in result.records]
+    timeline = [[round(x.t, 3), x.running, round(x.kv_used, 4), x.waiting]
+                for x in result.timeline]
+    return {"request_columns": list(RECORD_COLUMNS), "requests": reqs,
+            "timeline_columns": list(TIMELINE_COLUMNS), "timeline": timeline}
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of an ascending list; NaN when empty."""
     if not sorted_values:

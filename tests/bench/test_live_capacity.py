@@ -48,6 +48,11 @@ def test_live_sweep_with_processes(redis_url: str, tmp_path: Path, capsys) -> No
                                 "why": "a lower rate missed the goal"}]
     fcfs8 = data["points"][0]
     assert fcfs8["segment_requests"] == 20 and fcfs8["counts"]["ok"] == 20
+    raw = fcfs8["raw"]
+    col = {c: i for i, c in enumerate(raw["request_columns"])}
+    assert len(raw["requests"]) == 20 and raw["timeline"]
+    assert all(r[col["outcome"]] == "ok" and 0 <= r[col["queue_ms"]] <= r[col["ttft_ms"]]
+               for r in raw["requests"])
     assert data["points"][1]["sla_attainment"] < 0.99
     import redis
     mine = f"dynabatch-live-{os.getpid()}:*"
