@@ -2,12 +2,12 @@
 # The engine's GPU suite: GPU tests, the engine benchmark (compiled decode, with the HF
 # baseline), and the same without torch.compile for comparison.
 # Usage (repo root, CUDA machine): OUT=/some/dir tools/gpu_engine_suite.sh [stages...]
-# Stages: tests bench bench_eager (default: all). Results land in $OUT.
+# Stages: tests bench bench_eager profile (default: all). Results land in $OUT.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-stages=${*:-tests bench bench_eager}
+stages=${*:-tests bench bench_eager profile}
 python3 -c 'import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())'
 for s in $stages; do
   echo "=== $s"
@@ -16,5 +16,7 @@ for s in $stages; do
     bench) timeout 420 python3 -m dynabatch.bench.engine_bench --json "$OUT/engine_h200.json" 2>&1 | tee "$OUT/engine_h200.log" ;;
     bench_eager) timeout 420 python3 -m dynabatch.bench.engine_bench --eager-decode --baseline-batches none \
         --json "$OUT/engine_h200_eager.json" 2>&1 | tee "$OUT/engine_h200_eager.log" ;;
+    profile) timeout 300 python3 tools/profile_decode.py --model llama-3.2-1b-shape --batches 1,64 \
+        --out "$OUT/profile" 2>&1 | tee "$OUT/profile_decode.log" ;;
   esac
 done
