@@ -7,7 +7,7 @@ from pathlib import Path
 from dynabatch.bench.metrics import Outcome, RunResult
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -16,7 +16,7 @@ def _plt():
 
 def latency_cdfs(runs: dict[str, RunResult], path: Path, title: str,
                  ttft_target_s: float, tpot_target_s: float) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, run in runs.items():
         done = [r for r in run.records if r.outcome is Outcome.OK]
@@ -28,7 +28,7 @@ def latency_cdfs(runs: dict[str, RunResult], path: Path, title: str,
     for ax, name, target in ((axes[0], "TTFT (ms)", ttft_target_s), (axes[1], "TPOT (ms)", tpot_target_s)):
         ax.axvline(target * 1000, color="grey", ls="--", lw=1, label="SLA target")
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(_plt().NullFormatter())
+        ax.xaxis.set_minor_formatter(pyplot().NullFormatter())
         ax.set_xlabel(name)
         ax.set_ylabel("share of completed requests")
         ax.grid(alpha=0.3)
@@ -42,7 +42,7 @@ def latency_cdfs(runs: dict[str, RunResult], path: Path, title: str,
 
 def goodput_vs_load(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
     """``curves``: policy -> summaries (with target_rps), e.g. the capacity probes + grid."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, pts in curves.items():
         pts = sorted(pts, key=lambda p: p["target_rps"])
@@ -81,7 +81,7 @@ def _binned(samples: list, value, bins: int = 150) -> tuple[list[float], list[fl
 
 
 def timelines(runs: dict[str, RunResult], path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
     metrics = ((lambda s: s.running, "running batch"), (lambda s: 100 * s.kv_used, "KV blocks used (%)"),
                (lambda s: s.waiting, "scheduler queue"))

@@ -69,6 +69,32 @@ def fit_loop_ms(live: dict, trace: tr.Trace, model: LatencyModel,
     return min(loss, key=loss.get), loss
 
 
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Measured (solid, o) vs simulated (dashed, x) per policy: attainment, TTFT p99, TPOT p50."""
+    from dynabatch.bench.plots import pyplot
+    plt = pyplot()
+    panels = (("sla_attainment", "SLA attainment", 100), ("ttft_p99_ms", "TTFT p99 (ms)", 1),
+              ("tpot_p50_ms", "TPOT p50 (ms)", 1))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for i, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
+        pts = sorted((r for r in rows if r["label"] == label), key=lambda r: r["rps"])
+        x = [r["rps"] for r in pts]
+        for ax, (key, name, scale) in zip(axes, panels):
+            color = f"C{i}"
+            ax.plot(x, [scale * r[key]["measured"] for r in pts], "o-", color=color,
+                    label=f"{label} measured")
+            ax.plot(x, [scale * r[key]["simulated"] for r in pts], "x--", color=color,
+                    label=f"{label} simulated")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("offered load (req/s)")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:+.0f}%"
 
@@ -83,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--loop-ms", type=float, help="use this loop_ms (e.g. fitted to another run)")
     ap.add_argument("--grid", default="0,0.5,1,1.5,2,3,4,6,8")
     ap.add_argument("--out")
+    ap.add_argument("--plot", help="PNG: measured vs simulated per policy and rate")
     a = ap.parse_args(argv)
     live = json.loads(Path(a.live).read_text())
     trace = tr.load_trace(a.trace)
@@ -105,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['label']:>28} {r['rps']:>6g} " + " ".join(cells))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+    if a.plot:
+        plot(rows, a.plot, f"{Path(a.live).name}: measured vs simulated (latency model "
+                           f"{model.name}, serving loop {model.loop_ms:g} ms/step)")
     return 0
 
 
