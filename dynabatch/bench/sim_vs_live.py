@@ -71,7 +71,7 @@ def fit_loop_ms(live: dict, trace: tr.Trace, model: LatencyModel,
 
 def plot(rows: list[dict], path: str, title: str) -> None:
     """Measured (solid, o) vs simulated (dashed, x) per policy: attainment, TTFT p99, TPOT p50."""
-    from dynabatch.bench.plots import pyplot
+    from dynabatch.bench.plots import pyplot, save
     plt = pyplot()
     panels = (("sla_attainment", "SLA attainment", 100), ("ttft_p99_ms", "TTFT p99 (ms)", 1),
               ("tpot_p50_ms", "TPOT p50 (ms)", 1))
@@ -89,10 +89,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             ax.set_xlabel("offered load (req/s)")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, title, path)
 
 
 def _pct(x: float | None) -> str:
