@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from dynabatch.bench import procs
-from dynabatch.bench.metrics import Outcome, RequestRecord, RunResult, summarize
+from dynabatch.bench.metrics import Outcome, RequestRecord, RunResult, raw_rows, summarize
 from dynabatch.bench.replay import prompt_ids, replay
 from dynabatch.bench.traces import Trace, TraceRequest, poisson
 
@@ -76,6 +76,12 @@ async def _stack(a: argparse.Namespace):
     procs.drop_keys(a.redis_url, prefix)
 
 
+def _summary(run: RunResult) -> dict:
+    """The run's summary plus every request as a row (queue time from the server's Timings on
+    the whole path), so the added TTFT can be split after the fact."""
+    return summarize(run) | {"raw": raw_rows(run)}
+
+
 def _added(direct: dict, stack: dict) -> dict:
     return {m: {q: round(stack[m][q] - direct[m][q], 3) for q in ("p50", "p99")}
             for m in ("ttft_ms", "tpot_ms")}
@@ -86,18 +92,18 @@ def run(a: argparse.Namespace) -> dict:
     offline = offline_trace(a.requests, a.prompt, a.output)
     engine = build_engine(a.model, device=a.device, max_running=a.max_running, kv_fraction=0.4)
     drive_direct(engine, offline_trace(min(8, a.requests), a.prompt, 8), a.vocab, 1)  # warm-up
-    direct_off = summarize(drive_direct(engine, offline, a.vocab, a.seed))
+    direct_off = _summary(drive_direct(engine, offline, a.vocab, a.seed))
     rate = a.load * direct_off["throughput_rps"]
     moderate = poisson(rate, a.requests, lambda rng: (a.prompt, a.output), seed=a.seed)
-    direct_mod = summarize(drive_direct(engine, moderate, a.vocab, a.seed))
+    direct_mod = _summary(drive_direct(engine, moderate, a.vocab, a.seed))
     del engine
     _empty_cache()
 
     async def through_stack() -> tuple[dict, dict]:
         async with _stack(a) as target:
             await replay(offline_trace(min(8, a.requests), a.prompt, 8), target)    # warm-up
-            off = summarize(await replay(offline, target, 600.0, 60.0, a.vocab, a.seed))
-            mod = summarize(await replay(moderate, target, 600.0, 60.0, a.vocab, a.seed))
+            off = _summary(await replay(offline, target, 600.0, 60.0, a.vocab, a.seed))
+            mod = _summary(await replay(moderate, target, 600.0, 60.0, a.vocab, a.seed))
             return off, mod
     stack_off, stack_mod = asyncio.run(through_stack())
     return {
