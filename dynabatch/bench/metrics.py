@@ -38,6 +38,9 @@ class RequestRecord:
     finish_s: float = -1.0
     outcome: Outcome = Outcome.PENDING
     preemptions: int = 0
+    # Replay only: the first token as the scheduler relayed it (its Timings.ttft_ms), so the
+    # client-side TTFT splits into queue, worker + queue transport, and relay-to-client.
+    server_first_token_s: float = -1.0
 
     @property
     def ttft(self) -> float:
@@ -74,8 +77,8 @@ class RunResult:
     meta: dict = field(default_factory=dict)
 
 
-RECORD_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens", "queue_ms", "ttft_ms", "tpot_ms",
-                  "outcome")
+RECORD_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens", "queue_ms", "server_ttft_ms",
+                  "ttft_ms", "tpot_ms", "outcome")
 TIMELINE_COLUMNS = ("t", "running", "kv_used", "waiting")
 
 
@@ -85,7 +88,8 @@ def raw_rows(result: RunResult) -> dict:
     def ms(start: float, end: float) -> float | None:
         return round((end - start) * 1000, 2) if start >= 0 and end >= 0 else None
     reqs = [[round(r.arrival_s, 4), r.prompt_tokens, r.output_tokens,
-             ms(r.arrival_s, r.assigned_s), ms(r.arrival_s, r.first_token_s),
+             ms(r.arrival_s, r.assigned_s), ms(r.arrival_s, r.server_first_token_s),
+             ms(r.arrival_s, r.first_token_s),
              round(r.tpot * 1000, 3) if r.outcome is Outcome.OK else None, r.outcome.value]
             for r in result.records]
     timeline = [[round(x.t, 3), x.running, round(x.kv_used, 4), x.waiting]

@@ -45,6 +45,7 @@ async def _one(client, rec: RequestRecord, t0: float, vocab: int, rng: random.Ra
                 rec.finish_s = now
                 if delta.HasField("timings"):
                     rec.assigned_s = rec.arrival_s + delta.timings.queue_ms / 1000
+                    rec.server_first_token_s = rec.arrival_s + delta.timings.ttft_ms / 1000
         rec.output_tokens = received
         rec.outcome = Outcome.OK if received and rec.finish_s >= 0 else Outcome.FAILED
     except ResourceExhausted:
