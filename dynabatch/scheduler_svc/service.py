@@ -49,11 +49,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 rpc.sent(msg)
                 yield msg
 
-    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
-                        rpc: RpcTelemetry):
+    async def _refuse_early(self, request, context: grpc.aio.ServicerContext) -> None:
+        """A streaming RPC's first checks: a malformed request, or a scheduler that is draining."""
         await _check(request, context)
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                        rpc: RpcTelemetry):
+        await self._refuse_early(request, context)
         try:
             item = validate(request, self.models, self.default_model, self.limits,
                             self.scheduler_id, time.time_ns())
@@ -108,9 +112,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext,
                       rpc: RpcTelemetry):
-        await _check(request, context)
-        if not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
+        await self._refuse_early(request, context)
         tracked = self.table.find(request.request_id)
         if tracked is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
