@@ -98,6 +98,15 @@ class RedisQueue:
         except RedisError as e:
             log.warning("could not quarantine (%s)", type(e).__name__)
 
+    async def _decoded(self, cls, raw, key: str):
+        """The message in `raw`, or None once the bad value is quarantined (the caller decides
+        what else to drop)."""
+        try:
+            return decode(cls, raw)
+        except Garbage as e:
+            await self.quarantine(cls.__name__, key, raw, str(e))
+            return None
+
     # -- scheduler side
     @_guarded
     async def submit(self, item: WorkItem) -> None:
@@ -226,11 +235,11 @@ class RedisQueue:
         for wid, raw in zip(ids, raws):
             if raw is None:
                 continue
-            try:
-                feedback.append(decode(WorkerFeedback, raw))
-            except Garbage as e:
-                await self.quarantine("WorkerFeedback", self._k("worker", wid), raw, str(e))
+            fb = await self._decoded(WorkerFeedback, raw, self._k("worker", wid))
+            if fb is None:
                 await self.redis.delete(self._k("worker", wid))
+            else:
+                feedback.append(fb)
         return feedback
 
     @_guarded
@@ -244,11 +253,10 @@ class RedisQueue:
                                           args=[self.p, int(time.time() * 1000)])
         items = []
         for worker, raw in zip(flat[::2], flat[1::2]):
-            key = self._k("assign", worker.decode(errors="replace"))
-            try:
-                items.append(decode(WorkItem, raw))
-            except Garbage as e:
-                await self.quarantine("WorkItem", key, raw, str(e))
+            item = await self._decoded(WorkItem, raw,
+                                       self._k("assign", worker.decode(errors="replace")))
+            if item is not None:
+                items.append(item)
         return items
 
     @_guarded
@@ -270,12 +278,10 @@ class RedisQueue:
     async def _recovered(self, key: bytes, raw, state) -> WorkItem | None:
         if raw is None or state == b"cancelled":
             return None
-        try:
-            return decode(WorkItem, raw)
-        except Garbage as e:
-            await self.quarantine("WorkItem", key.decode(errors="replace"), raw, str(e))
+        item = await self._decoded(WorkItem, raw, key.decode(errors="replace"))
+        if item is None:
             await self.redis.delete(key)
-            return None
+        return item
 
     @_guarded
     async def trim_deltas(self, scheduler_id: str, before_unix_ms: int) -> None:
@@ -345,13 +351,9 @@ class RedisQueue:
     @_guarded
     async def read_control(self, worker_id: str) -> list[WorkerControl]:
         key = self._k("ctl", worker_id)
-        controls = []
-        for raw in await self.redis.lpop(key, 1000) or []:
-            try:
-                controls.append(decode(WorkerControl, raw))
-            except Garbage as e:
-                await self.quarantine("WorkerControl", key, raw, str(e))
-        return controls
+        controls = [await self._decoded(WorkerControl, raw, key)
+                    for raw in await self.redis.lpop(key, 1000) or []]
+        return [c for c in controls if c is not None]
 
     @_guarded
     async def publish(self, batches: dict[str, TokenDeltaBatch]) -> None:
