@@ -7,6 +7,12 @@ client processes) runs on the same machine: its CPU is reported too, and counts 
     python -m dynabatch.bench.load --seconds 15 --json bench/results/load_cpu.json
 Two phases: `admissions` (many short requests: admission + queue + relay per request) and
 `streaming` (long requests: token relay throughput).
+
+`--driver h2load` replaces the Python SDK load generator (which takes 0.7-1 core of the same
+machine) with nghttp2's h2load, in C: it POSTs one gRPC-framed GenerateRequest over many HTTP/2
+streams. h2load counts a request that ended with HTTP 200 as a success even when its grpc-status
+trailer is an error, so the stack's own counters (requests completed / rejected / failed) are read
+before and after each phase and must agree with it.
 """
 from __future__ import annotations
 
@@ -16,10 +22,15 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import resource
+import shutil
+import struct
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 
 from dynabatch.client import AsyncDynabatchClient, DynabatchError, ResourceExhausted
 
@@ -42,7 +53,18 @@ async def _serve(workers: int, max_running: int, port: int) -> None:
     stack.scheduler.cfg.listen = f"127.0.0.1:{port}"
     async with stack:
         print(stack.scheduler.port, flush=True)
-        await asyncio.Event().wait()
+        sched = stack.scheduler
+        await _answer_counts(lambda: {**sched.table.counts,
+                                      "tokens": sched.telemetry.metrics.output_total})
+
+
+async def _answer_counts(counts: Callable[[], dict[str, int]]) -> None:
+    """Serve process side of `_pipe_counts`: every line read on stdin is answered with the
+    server's request counters and output tokens relayed (a JSON line on stdout), until killed."""
+    loop = asyncio.get_running_loop()
+    loop.add_reader(sys.stdin.fileno(),
+                    lambda: sys.stdin.readline() and print(json.dumps(counts()), flush=True))
+    await asyncio.Event().wait()
 
 
 async def _serve_floor(port: int) -> None:
@@ -54,8 +76,12 @@ async def _serve_floor(port: int) -> None:
     from dynabatch.v1 import scheduler_pb2 as pb
     from dynabatch.v1 import scheduler_pb2_grpc
 
+    counts = {"completed": 0, "rejected": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+
     class Floor(scheduler_pb2_grpc.SchedulerServicer):
         async def Generate(self, request, context):
+            counts["completed"] += 1
+            counts["tokens"] += request.max_tokens
             yield pb.GenerateResponse(request_id=request.request_id, offset=0,
                                       token_ids=[1] * request.max_tokens,
                                       finish_reason=pb.FINISH_REASON_LENGTH)
@@ -65,7 +91,7 @@ async def _serve_floor(port: int) -> None:
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(port, flush=True)
-    await server.wait_for_termination()
+    await _answer_counts(lambda: counts)
 
 
 async def _drive(target: str, seconds: float, concurrency: int, max_tokens: int,
@@ -106,27 +132,108 @@ def _driver_process(target, seconds, concurrency, max_tokens, channels, out) -> 
     out.put({**counts, "client_cpu_s": usage.ru_utime + usage.ru_stime})
 
 
+H2LOAD_MISSING = ("--driver h2load: no `h2load` on PATH; install it with "
+                  "`apt-get install -y nghttp2-client` (Debian/Ubuntu) or `brew install nghttp2`")
+Counts = dict[str, int]
+
+
+def _grpc_body(max_tokens: int) -> bytes:
+    """The SDK driver's request as one gRPC message on the wire: uncompressed flag, 4-byte
+    big-endian length, the serialized GenerateRequest. No request_id: the scheduler assigns one
+    (each h2load stream sends the same bytes)."""
+    from dynabatch.v1 import scheduler_pb2 as pb
+    msg = pb.GenerateRequest(prompt_token_ids=[1, 2, 3, 4], max_tokens=max_tokens, ignore_eos=True,
+                             skip_text=True).SerializeToString()
+    return b"\0" + struct.pack(">I", len(msg)) + msg
+
+
+def _h2load(target: str, seconds: float, concurrency: int, max_tokens: int,
+            connections: int, threads: int) -> dict:
+    """Run h2load for `seconds`: `connections` HTTP/2 connections, `concurrency` streams in all."""
+    exe = shutil.which("h2load")
+    if exe is None:
+        raise SystemExit(H2LOAD_MISSING)
+    streams = -(-concurrency // connections)
+    with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
+        body.write(_grpc_body(max_tokens))
+        body.flush()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(
+            [exe, "-D", f"{round(seconds * 1000)}ms", "-c", str(connections), "-m", str(streams),
+             "-t", str(min(threads, connections)), "-d", body.name,
+             "-H", "content-type: application/grpc", "-H", "te: trailers",
+             f"http://{target}/dynabatch.v1.Scheduler/Generate"],
+            capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out.stdout)
+    rate = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out.stdout)
+    if out.returncode or m is None or rate is None:
+        raise RuntimeError(f"h2load failed (exit {out.returncode}):\n{out.stdout}{out.stderr}")
+    done, ok, failed, errored, timeout = map(int, m.groups()[2:])
+    return {"h2load_done": done, "h2load_succeeded": ok, "h2load_req_per_s": float(rate[1]),
+            "errors": failed + errored + timeout, "streams_per_connection": streams,
+            "client_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
+
+
+def _check_h2load(run: dict, server: Counts, in_flight: int) -> None:
+    """h2load's successes are HTTP 200s; the stack must have completed as many (grpc-status 0),
+    give or take the streams h2load dropped when time was up, and refused or failed none."""
+    ok = run["h2load_succeeded"]
+    bad = {k: server[k] for k in ("rejected", "failed") if server[k]}
+    if run["errors"] or bad or not ok <= server["completed"] <= ok + in_flight:
+        raise RuntimeError(f"h2load and the stack disagree: h2load {run}, stack {server} "
+                           f"(expected completed in [{ok}, {ok + in_flight}], none rejected "
+                           f"or failed)")
+
+
 def phase(target: str, pids: list[int], name: str, seconds: float, procs: int, concurrency: int,
-          max_tokens: int, channels: int = 1) -> dict:
-    """Drive load for `seconds`; stack CPU is that of `pids` together."""
+          max_tokens: int, channels: int = 1, driver: str = "sdk",
+          counters: Callable[[], Counts] | None = None) -> dict:
+    """Drive load for `seconds`; stack CPU is that of `pids` together. `counters` reads the
+    stacks' request counters (summed): their change over the phase is reported, and with
+    h2load checked against what h2load saw."""
+    c0 = counters() if counters else None
+    cpu0, t0 = sum(map(_cpu_s, pids)), time.monotonic()
+    if driver == "h2load":
+        # one h2load thread per client process, all of them in one h2load
+        concurrency, channels = concurrency * procs, channels * procs
+        total = _h2load(target, seconds, concurrency, max_tokens, channels, procs)
+    else:
+        total = _sdk(target, seconds, procs, concurrency, max_tokens, channels)
+    wall, cpu = time.monotonic() - t0, sum(map(_cpu_s, pids)) - cpu0
+    server = None
+    if counters and c0 is not None:
+        c1 = counters()
+        server = {k: c1[k] - c0[k] for k in c1}
+    if driver == "h2load":
+        if server is None:
+            raise RuntimeError("--driver h2load needs the stack's counters to check its results")
+        _check_h2load(total, server, concurrency)
+        # tokens: relayed by the stack (as the SDK driver counts those it received, streams
+        # cut at the end included); h2load sees only bytes
+        total.update(admitted=total["h2load_succeeded"], completed=total["h2load_succeeded"],
+                     tokens=server.get("tokens", total["h2load_succeeded"] * max_tokens))
+    return {"phase": name, "driver": driver, "seconds": round(wall, 2), "client_processes": procs,
+            "streams_per_process": concurrency, "channels_per_process": channels,
+            "max_tokens": max_tokens, **total, "stack_counts": server,
+            "admissions_per_s": round(total["admitted"] / wall), "tokens_per_s": round(total["tokens"] / wall),
+            "stack_cpu_cores": round(cpu / wall, 2),
+            "client_cpu_cores": round(total["client_cpu_s"] / wall, 2)}
+
+
+def _sdk(target: str, seconds: float, procs: int, concurrency: int, max_tokens: int,
+         channels: int) -> dict:
     out: mp.Queue = mp.Queue()
     drivers = [mp.Process(target=_driver_process,
                           args=(target, seconds, concurrency, max_tokens, channels, out))
                for _ in range(procs)]
-    cpu0, t0 = sum(map(_cpu_s, pids)), time.monotonic()
     for d in drivers:
         d.start()
     results = [out.get() for _ in drivers]
-    wall, cpu = time.monotonic() - t0, sum(map(_cpu_s, pids)) - cpu0
     for d in drivers:
         d.join()
-    total = {k: sum(r[k] for r in results) for k in results[0]}
-    return {"phase": name, "seconds": round(wall, 2), "client_processes": procs,
-            "streams_per_process": concurrency, "channels_per_process": channels,
-            "max_tokens": max_tokens, **total,
-            "admissions_per_s": round(total["admitted"] / wall), "tokens_per_s": round(total["tokens"] / wall),
-            "stack_cpu_cores": round(cpu / wall, 2),
-            "client_cpu_cores": round(total["client_cpu_s"] / wall, 2)}
+    return {k: sum(r[k] for r in results) for k in results[0]}
 
 
 def _pinned(cpus: set[int] | None):
@@ -143,10 +250,31 @@ def _in_process(workers: int, max_running: int, floor: bool, processes: int,
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "dynabatch.bench.load", "--serve", "--port", str(port),
              "--workers", str(workers), "--max-running", str(max_running),
-             *(["--floor"] if floor else [])], stdout=subprocess.PIPE, text=True,
-            preexec_fn=_pinned(cpus)))
+             *(["--floor"] if floor else [])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, preexec_fn=_pinned(cpus)))
         port = int(procs[-1].stdout.readline())
     return procs, f"127.0.0.1:{port}"
+
+
+def _pipe_counts(procs: list[subprocess.Popen]) -> Callable[[], Counts]:
+    """The request counters of in-process stacks, summed (each asked over its stdin)."""
+    def read() -> Counts:
+        for proc in procs:
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        rows = [json.loads(proc.stdout.readline()) for proc in procs]
+        return {k: sum(r[k] for r in rows) for k in rows[0]}
+    return read
+
+
+def _stats_counts(target: str) -> Counts:
+    """One scheduler's request counters, from GetStats."""
+    async def get() -> Counts:
+        async with AsyncDynabatchClient(target, timeout=5) as client:
+            s = await client.stats()
+        return {"completed": s.completed, "rejected": s.rejected, "cancelled": s.cancelled,
+                "failed": s.failed}     # no output token count in GetStats
+    return asyncio.run(get())
 
 
 def _prefix() -> str:
@@ -218,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                         "keep this process's CPUs: run it under taskset to keep them apart)")
     p.add_argument("--floor", action="store_true",
                    help="admissions against a gRPC server that does nothing (the ceiling)")
+    p.add_argument("--driver", choices=("sdk", "h2load"), default="sdk",
+                   help="load generator: the Python SDK (client processes), or nghttp2's h2load "
+                        "(C, one process, one thread per --client-procs, --channels connections "
+                        "per thread; apt-get install nghttp2-client)")
     p.add_argument("--json", help="write results here")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -226,16 +358,23 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve_floor(args.port) if args.floor
                     else _serve(args.workers, args.max_running, args.port))
         return 0
+    if args.driver == "h2load" and not shutil.which("h2load"):
+        raise SystemExit(H2LOAD_MISSING)
+    if args.driver == "h2load" and args.redis_url and args.processes > 1:
+        raise SystemExit("--driver h2load checks its results against the scheduler's counters "
+                         "(GetStats): with --redis-url, one scheduler process only")
     load0 = os.getloadavg()
     procs, target = (
         _separate(args.redis_url, args.max_running, args.processes, args.stack_cpus)
         if args.redis_url else
         _in_process(args.workers, args.max_running, args.floor, args.processes, args.stack_cpus))
     pids = [p.pid for p in procs[:args.processes]]      # not the separate worker's
+    counters = (None if args.redis_url and args.processes > 1 else
+                (lambda: _stats_counts(target)) if args.redis_url else _pipe_counts(procs))
     run = [("admissions", 1)] + ([] if args.floor else [("streaming", 2000)])
     try:
         phases = [phase(target, pids, name, args.seconds, args.client_procs, 256, tokens,
-                        args.channels) for name, tokens in run]
+                        args.channels, args.driver, counters) for name, tokens in run]
     finally:
         for proc in procs:
             proc.kill()
