@@ -96,10 +96,11 @@ def scheduler(redis_url: str, prefix: str, model: str, policy: str,
 
 
 def worker(redis_url: str, prefix: str, model: str, device: str, max_running: int,
-           kv_blocks: int | None = None, engine: str = "torch") -> Child:
-    """`dynabatch worker`; start-up includes model load and CUDA-graph capture."""
+           kv_blocks: int | None = None, engine: str = "torch", extra: list[str] = ()) -> Child:
+    """`dynabatch worker`; start-up includes model load and CUDA-graph capture. `extra`: more
+    worker flags (e.g. the fake engine's)."""
     health = f"127.0.0.1:{free_port()}"
     kv = ["--kv-blocks", str(kv_blocks)] if kv_blocks else []
     return Child("worker", ["worker", *_common(redis_url, prefix), "--model", model, "--engine",
                             engine, "--device", device, "--max-running", str(max_running), *kv,
-                            "--health-listen", health], health, 600)
+                            "--health-listen", health, *extra], health, 600)
