@@ -36,9 +36,17 @@ from dynabatch.client import AsyncDynabatchClient, DynabatchError, ResourceExhau
 
 
 def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of `pid` and of its live descendants (a worker may run its engine in a child
+    process: that is stack CPU too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        children = [int(c) for task in os.listdir(f"/proc/{pid}/task")
+                    for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0                  # exited meanwhile
+    return ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            + sum(map(_cpu_s, children)))
 
 
 async def _serve(workers: int, max_running: int, port: int) -> None:
