@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random checkpoints saved to disk, loaded through from_pretrained."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dynabatch.wire import models
+
+# Without CUDA, Triton kernels run only in its interpreter, which triton.jit picks when a kernel
+# is defined, triton.language's own helpers included: so set it before triton is first imported
+# (test_triton_decode.py checks it took effect).
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def save_tiny(name: str, path: Path) -> Path:
