@@ -13,6 +13,10 @@ shifts both the same way):
           the requests through the queue and reads the token deltas back, checking that each
           request's tokens arrive in order, none lost or repeated
 Per-step time = wall time / engine steps (the worker's own step counter, from its feedback).
+CPU per step (from /proc, so it holds on a busy machine where wall times do not): the engine
+alone; the worker's processes (its engine process, if any, counted separately). A machine with
+fewer free cores than busy processes (worker, engine, Redis, this driver) turns CPU into wall
+time, so read both.
 """
 from __future__ import annotations
 
@@ -37,16 +41,40 @@ def run_alone(a: argparse.Namespace) -> dict:
     engine = FakeEngine(max_running=a.max_running, step_delay_s=a.step_ms / 1000)
     for i in range(a.requests):
         engine.add(SequenceRequest(f"a{i}", [1] * a.prompt, a.output, ignore_eos=True))
-    tokens, t0 = 0, time.perf_counter()
+    tokens, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     while engine.has_work():
         tokens += sum(len(o.token_ids) for o in engine.step())
     wall = time.perf_counter() - t0
-    return _row("alone", wall, engine.stats().steps, tokens)
+    return _row("alone", wall, engine.stats().steps, tokens, time.process_time() - cpu0)
 
 
-def _row(path: str, wall: float, steps: int, tokens: int) -> dict:
+def _row(path: str, wall: float, steps: int, tokens: int, cpu_s: float,
+         engine_cpu_s: float = 0.0) -> dict:
+    per = 1000 / max(1, steps)
     return {"path": path, "wall_s": round(wall, 4), "steps": steps, "tokens": tokens,
-            "step_ms": round(1000 * wall / max(1, steps), 4), "tok_s": round(tokens / wall, 1)}
+            "step_ms": round(wall * per, 4), "tok_s": round(tokens / wall, 1),
+            "cpu_ms_per_step": round(cpu_s * per, 4),
+            "engine_proc_cpu_ms_per_step": round(engine_cpu_s * per, 4)}
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _worker_cpu(pid: int) -> tuple[float, float]:
+    """(the worker process, its child processes) CPU seconds so far."""
+    return _cpu_s(pid), sum(_cpu_s(c) for c in _children(pid))
 
 
 def _item(i: int, a: argparse.Namespace, run: int) -> WorkItem:
@@ -66,9 +94,11 @@ async def _feedback(queue, worker_id: str, newer_than_ns: int = 0, timeout_s: fl
     raise TimeoutError(f"no feedback from {worker_id}")
 
 
-async def run_worker_path(a: argparse.Namespace, queue, worker_id: str, run: int) -> dict:
+async def run_worker_path(a: argparse.Namespace, queue, worker_id: str, run: int,
+                          pid: int) -> dict:
     """Submit and assign the whole workload at once, read every delta back; check order."""
     before = await _feedback(queue, worker_id)
+    cpu0 = _worker_cpu(pid)
     items = [_item(i, a, run) for i in range(a.requests)]
     for item in items:
         await queue.submit(item)
@@ -93,11 +123,13 @@ async def run_worker_path(a: argparse.Namespace, queue, worker_id: str, run: int
                     if d.error:
                         raise AssertionError(f"{d.request_id}: {d.error}")
     wall = time.perf_counter() - t0
+    cpu1 = _worker_cpu(pid)
     for it in items:
         await queue.finish(it.request_id)
     assert all(n == a.output for n in got.values()), "a request ended short"
     after = await _feedback(queue, worker_id, newer_than_ns=time.time_ns())
-    return _row("worker", wall, after.steps - before.steps, tokens)
+    return _row("worker", wall, after.steps - before.steps, tokens,
+                cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1], cpu1[1] - cpu0[1])
 
 
 async def run_all(a: argparse.Namespace) -> list[dict]:
@@ -109,14 +141,17 @@ async def run_all(a: argparse.Namespace) -> list[dict]:
     queue = RedisQueue(a.redis_url, prefix=prefix)
     try:
         async with procs.worker(a.redis_url, prefix, a.model, "cpu", a.max_running,
-                                engine="fake", extra=extra):
+                                engine="fake", extra=extra) as worker:
+            pid = worker.proc.pid
             run_alone(a)                                           # warm-up, both paths
-            await run_worker_path(a, queue, worker_id, -1)
+            await run_worker_path(a, queue, worker_id, -1, pid)
             for r in range(a.repeats):
                 rows.append(run_alone(a))
-                rows.append(await run_worker_path(a, queue, worker_id, r))
-                print(f"  run {r}: alone {rows[-2]['step_ms']:.3f} ms/step, "
-                      f"worker {rows[-1]['step_ms']:.3f} ms/step", file=sys.stderr)
+                rows.append(await run_worker_path(a, queue, worker_id, r, pid))
+                al, w = rows[-2], rows[-1]
+                print(f"  run {r}: alone {al['step_ms']:.3f} ms/step ({al['cpu_ms_per_step']:.3f}"
+                      f" CPU), worker {w['step_ms']:.3f} ms/step ({w['cpu_ms_per_step']:.3f} CPU,"
+                      f" engine process {w['engine_proc_cpu_ms_per_step']:.3f})", file=sys.stderr)
     finally:
         await queue.close()
         procs.drop_keys(a.redis_url, prefix)
@@ -128,8 +163,12 @@ def summary(rows: list[dict]) -> dict:
     for path in ("alone", "worker"):
         ms = [r["step_ms"] for r in rows if r["path"] == path]
         tok = [r["tok_s"] for r in rows if r["path"] == path]
+        cpu = [r["cpu_ms_per_step"] for r in rows if r["path"] == path]
+        eng = [r["engine_proc_cpu_ms_per_step"] for r in rows if r["path"] == path]
         out[path] = {"step_ms_median": round(statistics.median(ms), 3),
-                     "step_ms_min": round(min(ms), 3), "tok_s_median": round(statistics.median(tok))}
+                     "step_ms_min": round(min(ms), 3), "tok_s_median": round(statistics.median(tok)),
+                     "cpu_ms_per_step_median": round(statistics.median(cpu), 3),
+                     "engine_proc_cpu_ms_per_step_median": round(statistics.median(eng), 3)}
     pairs = [w["tok_s"] / al["tok_s"] for al, w in zip(rows[::2], rows[1::2])]
     out["ratio_median"] = round(statistics.median(pairs), 4)
     out["added_ms_per_step_median"] = round(out["worker"]["step_ms_median"]
@@ -155,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     s = summary(rows)
     print(f"{platform.node()}, {os.cpu_count()} cpus; {a.requests} requests x {a.output} tokens, "
           f"batch {a.max_running}, step wait {a.step_ms} ms, {a.repeats} alternating runs")
-    print(f"| path | ms/step (median) | ms/step (min) | tok/s (median) |\n|---|---:|---:|---:|")
+    print("| path | ms/step (median) | ms/step (min) | tok/s (median) | CPU ms/step, all | "
+          "of which engine process |\n|---|---:|---:|---:|---:|---:|")
     for path in ("alone", "worker"):
         r = s[path]
-        print(f"| {path} | {r['step_ms_median']:.3f} | {r['step_ms_min']:.3f} | {r['tok_s_median']:,} |")
+        print(f"| {path} | {r['step_ms_median']:.3f} | {r['step_ms_min']:.3f} | "
+              f"{r['tok_s_median']:,} | {r['cpu_ms_per_step_median']:.3f} | "
+              f"{r['engine_proc_cpu_ms_per_step_median']:.3f} |")
     print(f"worker/alone throughput ratio (median of pairs): {s['ratio_median']:.3f}; "
           f"added per step: {s['added_ms_per_step_median']:.3f} ms")
     if a.out:

@@ -197,7 +197,7 @@ async def _serve(args) -> int:
         if args.command == "scheduler":
             await _scheduler(args, queue, stop)
         else:
-            await _worker(args, queue, stop)
+            return await _worker(args, queue, stop)
     finally:
         await queue.close()
         if provider is not None:
@@ -256,15 +256,22 @@ def _auth_token(args) -> str | None:
     return os.environ.get("DYNABATCH_AUTH_TOKEN") or None
 
 
-async def _worker(args, queue, stop: asyncio.Event) -> None:
-    from dynabatch.worker_svc.app import build, new_worker_id, run_worker
+async def _worker(args, queue, stop: asyncio.Event) -> int:
+    from dynabatch.worker_svc.app import new_worker_id, run_worker
+    from dynabatch.worker_svc.engine_client import EngineDied
+    from dynabatch.worker_svc.engine_proc import EngineSpec
     from dynabatch.worker_svc.loop import WorkerConfig
     from dynabatch.wire.telemetry import metrics_port
     cfg = WorkerConfig(worker_id=args.worker_id or new_worker_id(), model=args.model,
                        heartbeat_ttl_s=args.heartbeat_ttl_s,
                        metrics_port=metrics_port(args.metrics_port, 9091))
-    await run_worker(queue, cfg, lambda: build(args.engine, args.model, **engine_options(args)),
-                     stop, args.health_listen)
+    spec = EngineSpec(args.engine, args.model, engine_options(args))
+    try:
+        await run_worker(queue, cfg, spec, stop, args.health_listen)
+    except EngineDied as e:      # its requests are reclaimed once the heartbeat expires
+        logging.getLogger("dynabatch.worker").error("worker %s: %s", cfg.worker_id, e)
+        return e.exit_code
+    return 0
 
 
 def engine_options(args) -> dict:

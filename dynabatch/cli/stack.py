@@ -15,7 +15,9 @@ from dynabatch.scheduler_svc.policy import PolicyConfig
 from dynabatch.scheduler_svc.server import SchedulerConfig, SchedulerServer
 from dynabatch.wire.models import DEFAULT_MODEL
 from dynabatch.wire.queue import connect
-from dynabatch.worker_svc.app import build, new_worker_id
+from dynabatch.worker_svc.app import new_worker_id
+from dynabatch.worker_svc.engine_client import EngineProcess
+from dynabatch.worker_svc.engine_proc import EngineSpec
 from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
 
 
@@ -61,7 +63,11 @@ class LocalStack:
         return self
 
     async def add_worker(self) -> WorkerLoop:
-        engine = await asyncio.to_thread(build, self.cfg.engine, self.cfg.model, **self.cfg.engine_options)
+        # In a thread of this process: one torch import serves every worker of the stack (the
+        # deployed `dynabatch worker` runs its engine in a process of its own).
+        engine = EngineProcess(EngineSpec(self.cfg.engine, self.cfg.model,
+                                          self.cfg.engine_options), in_thread=True)
+        await engine.start()
         port = self.cfg.metrics_port
         if port:
             port += 1 + len(self.loops)

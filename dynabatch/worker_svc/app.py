@@ -1,4 +1,4 @@
-"""Assembles a worker: engine, worker loop, and a gRPC health endpoint for probes.
+"""Assembles a worker: engine process, worker loop, and a gRPC health endpoint for probes.
 
 Health is NOT_SERVING until the model is loaded and again while draining, so a readiness probe
 only routes... nothing: workers pull, they are never called; the probe tells Kubernetes when the
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dynabatch.wire.queue import Queue
-from dynabatch.worker_svc.engine.api import Engine
+from dynabatch.worker_svc.engine_client import EngineProcess
+from dynabatch.worker_svc.engine_proc import EngineSpec
 from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
 
 log = logging.getLogger("dynabatch.worker")
@@ -23,15 +23,6 @@ log = logging.getLogger("dynabatch.worker")
 
 def new_worker_id() -> str:
     return "worker-" + uuid.uuid4().hex[:8]
-
-
-def build(engine_kind: str, model: str, **engine_options) -> Engine:
-    """`fake`: the model-free engine (tests, load benchmarks); otherwise the real engine."""
-    if engine_kind == "fake":
-        from dynabatch.worker_svc.fake_engine import FakeEngine
-        return FakeEngine(**engine_options)
-    from dynabatch.worker_svc.engine import build_engine
-    return build_engine(model, **engine_options)
 
 
 class HealthEndpoint:
@@ -59,23 +50,22 @@ class HealthEndpoint:
         await self.server.stop(1)
 
 
-async def run_worker(queue: Queue, config: WorkerConfig, engine_factory, stop: asyncio.Event,
+async def run_worker(queue: Queue, config: WorkerConfig, spec: EngineSpec, stop: asyncio.Event,
                      health_listen: str | None = None) -> None:
-    """Load the engine (off the event loop), serve until `stop`, then drain."""
+    """Start the engine process (model load), serve until `stop`, then drain. Raises
+    EngineDied when the engine process exits on its own."""
     endpoint = HealthEndpoint(health_listen) if health_listen else None
     if endpoint:
         port = await endpoint.start()
         log.info("worker health on port %d", port)
-    engine = await asyncio.to_thread(engine_factory)
-    # The engine steps in a thread while the event loop does the queue I/O; when the GPU
-    # result arrives the step thread must get the GIL back promptly, not after CPython's
-    # default 5 ms switch interval (longer than a whole decode step of a small model).
-    sys.setswitchinterval(0.0002)
-    if endpoint:
-        await endpoint.set(True)
+    engine = EngineProcess(spec)
     loop = WorkerLoop(queue, engine, config)
     try:
+        await engine.start()
+        if endpoint:
+            await endpoint.set(True)
         await loop.run(stop)
     finally:
+        await engine.close()
         if endpoint:
             await endpoint.stop()

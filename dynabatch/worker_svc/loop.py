@@ -1,10 +1,17 @@
-"""The worker loop: pull assignments, step the engine off the event loop, publish deltas and
-feedback. Thin by design: the engine decides how to batch, the scheduler decides what to send.
+"""The worker loop: pull assignments, hand them to the engine process, publish its tokens and
+the worker's feedback. Thin by design: the engine decides how to batch, the scheduler decides
+what to send.
+
+The engine runs in a process of its own (engine_proc.py) and steps back to back; this process
+only does queue I/O, so nothing here ever holds the GIL the engine's Python needs between GPU
+launches. Per step the engine sends flat arrays of rows (engine_wire.py); this loop merges them
+per request and publishes one write per scheduler, as often as steps come or every
+publish_interval_s when they come faster.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -18,7 +25,9 @@ from dynabatch.wire.backoff import Backoff
 from dynabatch.wire import telemetry
 from dynabatch.wire.queue import Queue, QueueError
 from dynabatch.wire.traced_queue import traced
-from dynabatch.worker_svc.engine.api import Engine, Sampling, SequenceRequest, TokenOutput
+from dynabatch.worker_svc import engine_wire as wire
+from dynabatch.worker_svc.engine.api import TokenOutput
+from dynabatch.worker_svc.engine_client import EngineProcess
 from dynabatch.worker_svc.metrics import WorkerMetrics
 from dynabatch.worker_svc.tracing import WorkerTracing
 
@@ -43,48 +52,45 @@ class WorkerConfig:
     tracer_provider: TracerProvider | None = None
 
 
-def to_sequence(item: WorkItem) -> SequenceRequest:
-    s = item.sampling
-    return SequenceRequest(
-        request_id=item.request_id, prompt_token_ids=list(item.prompt_token_ids),
-        max_tokens=item.max_tokens,
-        sampling=Sampling(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-                          seed=s.seed if s.HasField("seed") else None),
-        stop_token_ids=tuple(item.stop_token_ids), ignore_eos=item.ignore_eos,
-        priority=item.priority or 2, resume_token_ids=list(item.resume_token_ids))
-
-
 class WorkerLoop:
-    def __init__(self, queue: Queue, engine: Engine, config: WorkerConfig) -> None:
+    def __init__(self, queue: Queue, engine: EngineProcess, config: WorkerConfig) -> None:
         tracer = telemetry.get_tracer("worker", config.tracer_provider)
         self.queue, self.engine, self.cfg = traced(queue, tracer), engine, config
         self.tracing = WorkerTracing(tracer, config.worker_id, config.model) if tracer else None
         self.metrics = WorkerMetrics()
-        self._step_start_ns = 0
         self.metrics_server = (None if config.metrics_port is None else
                                telemetry.MetricsServer(self.metrics.registry, config.metrics_port))
         self.owner: dict[str, tuple[str, int]] = {}   # request id -> (relaying scheduler, attempt)
         self.accepting = True
         self.drain = True        # on stop: finish running requests (False: abort them)
-        self._feedback: WorkerFeedback | None = None  # refreshed between steps (engine thread-safety)
+        self._feedback: WorkerFeedback | None = None
         self._feedback_at = 0.0
+        # Attempts handed to the engine and not ended there, by handle (engine_wire.py).
+        self._live: dict[int, str] = {}
+        self._handle: dict[str, int] = {}
+        self._handles = itertools.count(1)
         # Outputs not yet published, merged per request: steps faster than publish_interval_s
         # share one write (and one delta per request); kept for a retry while the queue is down.
         self._pending: dict[str, TokenOutput] = {}
         self._errors: dict[str, str] = {}
-        self._inbox: list[WorkItem] = []      # pulled during a step, admitted after it
-        self._cancels: list[str] = []         # read during a step, applied after it
+        self._inbox: list[WorkItem] = []      # pulled, not yet handed to the engine
+        self._cancels: list[str] = []         # read, not yet sent to the engine
         self._pull: asyncio.Task | None = None   # the pull in flight (see _take_pulled)
         self._urgent = False                  # pending holds a first token or a finish
         self._last_publish = 0.0
+        self._last_control = 0.0
         self._epoch: str | None = None
         self._lost = False       # the queue lost its data (Redis restarted): drop all work
         self._backoff = Backoff(max_s=config.backoff_max_s)
-        self._last_step_end: float | None = None
-        self._period_ms = 0.0    # EWMA of the time between consecutive steps (what clients see)
+
+    def has_work(self) -> bool:
+        """Requests handed to the engine that have not ended there."""
+        return bool(self._live)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set, then finish the running requests (drain)."""
+        """Serve until `stop` is set, then finish the running requests (drain). Raises
+        EngineDied if the engine process exits on its own."""
+        await self.engine.start()
         log.info("worker %s serving model %s", self.cfg.worker_id, self.cfg.model)
         if self.metrics_server is not None:
             self.metrics_server.start()
@@ -92,7 +98,8 @@ class WorkerLoop:
         beats_done = asyncio.Event()
         beats = asyncio.create_task(self._heartbeats(beats_done), name="heartbeats")
         try:
-            while not stop.is_set() or self.engine.has_work() or self._pull or self._inbox:
+            while (not stop.is_set() or self._live or self._pull or self._inbox or self._pending
+                   or self._errors):
                 self.accepting = not stop.is_set()
                 if not self.accepting and not self.drain:
                     self._abort_all()
@@ -112,14 +119,17 @@ class WorkerLoop:
                 self.tracing.close("worker stopped")
             if self.metrics_server is not None:
                 self.metrics_server.stop()
+            await self.engine.close()
         log.info("worker %s stopped", self.cfg.worker_id)
 
     def _abort_all(self) -> None:
         if self._pull is not None:      # what it took stays unacknowledged: reclaimed later
             self._pull.cancel()
             self._pull = None
-        for rid in list(self.owner):
-            self.engine.abort(rid)
+        if self._live:
+            self.engine.abort_all()
+        self._live.clear()
+        self._handle.clear()
         self.owner.clear()
         self._inbox.clear()
         self._cancels.clear()
@@ -129,62 +139,63 @@ class WorkerLoop:
             self.tracing.close("dropped by the worker")
 
     async def _iteration(self) -> None:
-        """One engine step, with the queue I/O (publish the previous step's deltas, pull new
-        assignments, read cancels) done while the step runs in its thread: the GPU never waits
-        for Redis. What the I/O brings is applied between steps (the engine is not
-        thread-safe); a failed I/O keeps the step's outputs pending for the next write."""
+        """Hand what was pulled to the engine, publish when due, keep a pull in flight, read
+        cancels; then wait for the engine's next rows (or new work, or a publish falling due).
+        The engine never waits for any of this: it steps on in its own process."""
         if self._lost:
             log.warning("worker %s: the queue lost its data; dropping %d requests",
                         self.cfg.worker_id, len(self.owner))
             self._abort_all()
             self._lost = False
-        if not self.engine.has_work():
-            self._last_step_end = None
-            try:
-                await self._io(idle=True)
-            finally:
-                self._apply_inbox()
-            if self._pending or self._errors:     # e.g. an assignment the engine refused
-                await self._publish()
-            self._refresh_feedback()
-            return
-        step = asyncio.create_task(self._step())
-        try:
-            await asyncio.sleep(0)          # let the step reach its thread before the I/O starts
-            await self._io(idle=False)
-        finally:
-            outputs = await step
-            with self._step_span(outputs):
-                self._merge(outputs)
-            self._apply_inbox()
-            self._step_done()
-        if not self.engine.has_work():      # nothing will step next: send what is left now
-            await self._publish()
-        self._refresh_feedback()
-
-    async def _io(self, idle: bool) -> None:
-        due = time.perf_counter() - self._last_publish >= self.cfg.publish_interval_s
-        if (self._pending or self._errors) and (idle or due or self._urgent):
-            await self._publish()
+        self._apply_inbox()
+        await self._flush()
         if self.accepting and self._pull is None:
             self._pull = asyncio.create_task(self.queue.pull(
                 self.cfg.worker_id, self.cfg.max_pull, self.cfg.idle_poll_s), name="pull")
-        if idle and self._pull is not None:
-            await asyncio.wait({self._pull})        # at most idle_poll_s
+        now = time.perf_counter()
+        if not self._live or now - self._last_control >= self.cfg.publish_interval_s:
+            self._last_control = now
+            for control in await self.queue.read_control(self.cfg.worker_id):
+                self._cancels.extend(control.cancel_request_ids)
+            if self._cancels:
+                self._apply_inbox()
+        await self.engine.wait(self._pull, self._wait_s())
         self._take_pulled()
-        for control in await self.queue.read_control(self.cfg.worker_id):
-            self._cancels.extend(control.cancel_request_ids)
+        self._take_engine()
+        self._refresh_feedback()
+
+    def _wait_s(self) -> float:
+        """How long to wait for the engine: until a publish falls due, the next cancel read
+        while it runs, or an idle poll."""
+        if not self._live and self._pull is None:
+            return 0.0
+        if self._pending or self._errors:
+            if self._urgent or not self._live:
+                return 0.0
+            due = self._last_publish + self.cfg.publish_interval_s - time.perf_counter()
+            return max(0.0, due)
+        return self.cfg.publish_interval_s if self._live else self.cfg.idle_poll_s
+
+    async def _flush(self) -> None:
+        """Publish what is pending if it is due: a first token or a finish at once (TTFT and
+        end-to-end latency never wait), the rest every publish_interval_s, all of it when the
+        engine is idle."""
+        if not (self._pending or self._errors):
+            return
+        due = time.perf_counter() - self._last_publish >= self.cfg.publish_interval_s
+        if due or self._urgent or not self._live:
+            await self._publish()
 
     def _take_pulled(self) -> None:
-        """Collect a finished pull. The pull stays in flight across steps, blocking in the queue
-        until work arrives: work assigned mid-step is in hand at the next step boundary, and
-        no step waits for the queue. A failed pull raises here (QueueError: backoff)."""
+        """Collect a finished pull. The pull stays in flight while the engine steps, blocking
+        in the queue until work arrives: work assigned mid-step is in hand at once. A failed
+        pull raises here (QueueError: backoff)."""
         if self._pull is not None and self._pull.done():
             task, self._pull = self._pull, None
             self._inbox.extend(task.result())
 
     def _apply_inbox(self) -> None:
-        """Between steps: admit pulled assignments, apply cancels read meanwhile."""
+        """Hand pulled assignments and cancels to the engine (it applies them between steps)."""
         try:
             self._take_pulled()
         finally:
@@ -193,49 +204,82 @@ class WorkerLoop:
                 self._admit(item)
             cancels, self._cancels = self._cancels, []
             for rid in cancels:
-                if self.engine.abort(rid):
-                    self._merge([TokenOutput(rid, [], 0, "abort")])
-
-    async def _step(self) -> list[TokenOutput]:
-        """One engine step: in a thread (the event loop stays responsive), or inline for an
-        engine whose steps are trivial (then yielding to the loop once per step)."""
-        if getattr(self.engine, "inline_step", False):
-            await asyncio.sleep(0)
-            return self._timed_step()
-        return await asyncio.to_thread(self._timed_step)
-
-    def _timed_step(self) -> list[TokenOutput]:
-        self._step_start_ns = time.time_ns()
-        outputs = self.engine.step()
-        self.metrics.step(outputs, (time.time_ns() - self._step_start_ns) / 1e9)
-        return outputs
-
-    def _step_done(self) -> None:
-        now = time.perf_counter()
-        if self._last_step_end is not None:
-            ms = (now - self._last_step_end) * 1000
-            self._period_ms = ms if not self._period_ms else 0.9 * self._period_ms + 0.1 * ms
-        self._last_step_end = now
+                handle = self._handle.get(rid)
+                if handle is not None:
+                    self.engine.abort(handle)   # its end comes back as an "abort" row
 
     def _admit(self, item: WorkItem) -> None:
         """Hand an assignment to the engine; one it cannot take fails alone (never the worker):
         its error goes out with the next publish."""
-        self.owner[item.request_id] = (item.scheduler_id, item.attempt)
+        rid = item.request_id
+        self.owner[rid] = (item.scheduler_id, item.attempt)
         if self.tracing:
             self.tracing.pulled(item)
-        try:
-            if item.model != self.cfg.model:
-                raise ValueError(f"model {item.model!r} is not served here ({self.cfg.model!r})")
-            self.engine.add(to_sequence(item))
-        except Exception as e:   # a bad item must not take the worker down
-            log.error("worker %s rejected %s: %s", self.cfg.worker_id, item.request_id, e)
-            self._errors[item.request_id] = str(e)
+        if item.model != self.cfg.model:
+            why = f"model {item.model!r} is not served here ({self.cfg.model!r})"
+        elif rid in self._handle:
+            why = f"{rid}: already queued"
+        else:
+            handle = next(self._handles)
+            self._live[handle], self._handle[rid] = rid, handle
+            self.engine.add(handle, item)
+            return
+        log.error("worker %s rejected %s: %s", self.cfg.worker_id, rid, why)
+        self._errors[rid] = why
 
-    def _step_span(self, outputs: list[TokenOutput]):
-        if self.tracing is None:
-            return contextlib.nullcontext()
-        record = getattr(self.engine, "last_step", None)
-        return self.tracing.step(outputs, self._step_start_ns, record.kind if record else "step")
+    def _take_engine(self) -> None:
+        """Take in what the engine sent: its rows (merged into pending), refused requests."""
+        for frame in self.engine.take():
+            if frame[:1] == wire.OUTPUTS:
+                self._take_rows(wire.rows(frame))
+            elif frame[:1] == wire.ADD_ERROR:
+                rid = self._live.pop(wire.handle_of(frame), None)
+                if rid is not None:
+                    del self._handle[rid]
+                    log.error("worker %s: engine rejected %s", self.cfg.worker_id, rid)
+                    self._errors[rid] = wire.add_error_message(frame)
+
+    def _take_rows(self, rows: wire.Rows) -> None:
+        """Merge one OUTPUTS frame into pending, row by row (one pass: this is the serving
+        side's per-step cost)."""
+        if rows.stats is not None:
+            self.engine.stats = rows.stats
+        if rows.kind:
+            self.metrics.step(len(rows), len(rows.tokens), rows.seconds)
+        if self.tracing is not None and rows.kind:
+            outputs = [TokenOutput(rid, [], 0) for h in rows.handles
+                       if (rid := self._live.get(h)) is not None]
+            with self.tracing.step(outputs, rows.start_ns, rows.kind, rows.seconds):
+                self._merge_rows(rows)
+        else:
+            self._merge_rows(rows)
+
+    def _merge_rows(self, rows: wire.Rows) -> None:
+        """As _merge, straight from the frame's arrays (no intermediate objects)."""
+        live, pending, handle_of = self._live, self._pending, self._handle
+        finish, tokens, counts, offsets = rows.finish, rows.tokens, rows.counts, rows.offsets
+        pos = 0
+        for i, handle in enumerate(rows.handles):
+            n = counts[i]
+            rid = live.get(handle)
+            if rid is None:             # a stale row: an attempt already dropped here
+                pos += n
+                continue
+            toks = tokens[pos:pos + n].tolist()
+            pos += n
+            reason = wire.FINISH_NAMES[finish[i]]
+            if reason:
+                del live[handle], handle_of[rid]
+                self._urgent = True
+            prev = pending.get(rid)
+            if prev is None or prev.finish_reason:
+                offset = offsets[i]
+                if offset == 0 and toks:
+                    self._urgent = True
+                pending[rid] = TokenOutput(rid, toks, offset, reason)
+            else:
+                prev.token_ids += toks
+                prev.finish_reason = reason
 
     async def _publish(self) -> None:
         """Send the pending deltas and errors (one write per scheduler). They survive a failed
@@ -335,14 +379,14 @@ class WorkerLoop:
         self._epoch = epoch
 
     def feedback(self) -> WorkerFeedback:
-        s = self.engine.stats()
+        s = self.engine.stats
         return WorkerFeedback(
             worker_id=self.cfg.worker_id, model=self.cfg.model, running=s.running,
             waiting=s.waiting, kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used,
             kv_block_size=s.kv_block_size,
-            # The engine's step time, or the step period clients see when the loop around it
-            # (pull, publish) adds more: the admission and SLA estimates rest on it.
-            decode_step_ms=max(s.decode_step_ms, self._period_ms),
+            # The engine's step time, or its step period back to back when more than that
+            # (engine_proc.EngineServer._stats): the admission and SLA estimates rest on it.
+            decode_step_ms=s.decode_step_ms,
             decode_batch_size=s.decode_batch_size, prefill_tokens_per_s=s.prefill_tokens_per_s,
             max_model_len=s.max_model_len, steps=s.steps, preemptions=s.preemptions,
             unix_ns=time.time_ns(), accepting=self.accepting, max_running=s.max_running)

@@ -1,6 +1,6 @@
 """A worker's Prometheus metrics, in a registry of its own (one per worker instance).
 
-Step times are wall-clock times of `engine.step` as the worker loop sees them; KV usage and
+Step times are wall-clock times of `engine.step`, measured in the engine process; KV usage and
 queue lengths are the engine's own counts, sampled with every heartbeat's feedback.
 """
 from __future__ import annotations
@@ -9,7 +9,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dynabatch.v1.worker_pb2 import WorkerFeedback
 from dynabatch.wire.telemetry import MeasuredGauge
-from dynabatch.worker_svc.engine.api import TokenOutput
 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                 0.25, 0.5, 1.0, 2.5)
@@ -42,13 +41,13 @@ class WorkerMetrics:
         self._mark: tuple[float, int] | None = None     # (time, tokens) at the last heartbeat
         self._preempted = 0
 
-    def step(self, outputs: list[TokenOutput], seconds: float) -> None:
+    def step(self, rows: int, tokens: int, seconds: float) -> None:
+        """One engine step: `rows` requests got an output (tokens or their end)."""
         self.step_seconds.observe(seconds)
-        if outputs:
-            n = sum([len(o.token_ids) for o in outputs])
-            self.batch_size.observe(len(outputs))
-            self.output_tokens.inc(n)
-            self._tokens += n
+        if rows:
+            self.batch_size.observe(rows)
+            self.output_tokens.inc(tokens)
+            self._tokens += tokens
 
     def feedback(self, s: WorkerFeedback, now: float) -> None:
         self.kv_used.set(s.kv_blocks_used)

@@ -104,9 +104,11 @@ class WorkerTracing:
             self._end(rid, None, error=why)
 
     @contextlib.contextmanager
-    def step(self, outputs: list[TokenOutput], start_ns: int, step_kind: str) -> Iterator[None]:
+    def step(self, outputs: list[TokenOutput], start_ns: int, step_kind: str,
+             compute_s: float | None = None) -> Iterator[None]:
         """Around taking in a step's outputs; every step_every-th step gets a span that started
-        when the step did and links the requests it served."""
+        when the step did and links the requests it served. `compute_s`: the step's own time
+        (measured by the engine process); default: until now."""
         self._steps += 1
         if self._steps % self.step_every:
             yield
@@ -117,7 +119,8 @@ class WorkerTracing:
             "engine step", start_time=start_ns, links=links,
             attributes={"dynabatch.worker.id": self.worker_id, "dynabatch.step.kind": step_kind,
                         "dynabatch.step.batch_size": len(outputs),
-                        "dynabatch.step.compute_ms": (time.time_ns() - start_ns) / 1e6,
+                        "dynabatch.step.compute_ms": (compute_s * 1e3 if compute_s is not None
+                                                      else (time.time_ns() - start_ns) / 1e6),
                         "dynabatch.step.sample_every": self.step_every})
         with trace.use_span(span, end_on_exit=True):
             yield

@@ -81,7 +81,7 @@ async def call_raw(channel: grpc.aio.Channel, method: str, data: bytes) -> grpc.
 async def assert_clean(stack: LocalStack) -> None:
     """Nothing leaked: no tracked request, nothing waiting or running anywhere."""
     await wait_for(lambda: not stack.scheduler.table.by_id
-                   and not any(loop.engine.has_work() or loop.owner for loop in stack.loops),
+                   and not any(loop.has_work() or loop.owner for loop in stack.loops),
                    10, "requests table and workers empty")
     assert not await stack.queue.waiting()
     assert all(not t.done() for t in stack.scheduler._tasks)

@@ -83,7 +83,7 @@ async def test_cancel_mid_stream_frees_the_slot(stack):
         assert all(len(r.token_ids) == 8 for r in done)
         for _ in range(200):               # bounded: the worker frees the slot within ~2 s
             running = sum(len(loop.owner) for loop in stack.loops)
-            if running == 0 and not any(loop.engine.has_work() for loop in stack.loops):
+            if running == 0 and not any(loop.has_work() for loop in stack.loops):
                 break
             await asyncio.sleep(0.01)
         assert running == 0

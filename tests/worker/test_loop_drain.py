@@ -8,7 +8,8 @@ from collections import defaultdict
 
 from dynabatch.v1.worker_pb2 import WorkerFeedback, WorkItem
 from dynabatch.wire.memory_queue import MemoryQueue
-from dynabatch.worker_svc.fake_engine import FakeEngine
+from dynabatch.worker_svc.engine_client import EngineProcess
+from dynabatch.worker_svc.engine_proc import EngineSpec
 from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
 
 OUT = 30
@@ -27,13 +28,14 @@ async def _assign(q: MemoryQueue, ids: range) -> None:
 
 async def _run() -> dict[str, list]:
     q = MemoryQueue()
-    loop = WorkerLoop(q, FakeEngine(step_delay_s=0.002), WorkerConfig("w", "m"))
+    engine = EngineProcess(EngineSpec("fake", "m", {"step_delay_s": 0.002}))
+    loop = WorkerLoop(q, engine, WorkerConfig("w", "m"))
     stop = asyncio.Event()
     await q.heartbeat(WorkerFeedback(worker_id="w", model="m"), ttl_s=30)  # assignable
     await _assign(q, range(4))
     task = asyncio.create_task(loop.run(stop))
     for _ in range(200):                       # bounded: until the first batch is stepping
-        if loop.engine.has_work():
+        if loop.has_work():
             break
         await asyncio.sleep(0.005)
     await _assign(q, range(4, 8))              # arrives while the engine steps

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from dynabatch.worker_svc.engine.api import TokenOutput
-from dynabatch.worker_svc.fake_engine import FakeEngine
+from dynabatch.worker_svc.engine_client import EngineProcess
+from dynabatch.worker_svc.engine_proc import EngineSpec
 from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
 
 
@@ -28,9 +29,11 @@ class RecordingQueue:
 
 def _loop() -> tuple[WorkerLoop, RecordingQueue]:
     q = RecordingQueue()
-    loop = WorkerLoop(q, FakeEngine(), WorkerConfig("w", "m", publish_interval_s=3600))
+    engine = EngineProcess(EngineSpec("fake", "m"))   # never started: publishing needs none
+    loop = WorkerLoop(q, engine, WorkerConfig("w", "m", publish_interval_s=3600))
     loop.queue = q             # untraced: the recording queue itself
     loop.owner.update({"a": ("s1", 0), "b": ("s2", 1)})
+    loop._live.update({1: "a", 2: "b"})   # both still running in the engine
     loop._last_publish = 1e18  # a publish "just happened": nothing is due by time
     return loop, q
 
@@ -38,7 +41,7 @@ def _loop() -> tuple[WorkerLoop, RecordingQueue]:
 def test_mid_stream_tokens_wait_for_the_interval() -> None:
     loop, q = _loop()
     loop._merge([TokenOutput("a", [5], 3, None)])
-    asyncio.run(loop._io(idle=False))
+    asyncio.run(loop._flush())
     assert q.published == [] and loop._pending
 
 
@@ -46,7 +49,7 @@ def test_first_token_and_finish_are_published_at_once() -> None:
     for out in (TokenOutput("b", [5], 0, None), TokenOutput("b", [9], 7, "length")):
         loop, q = _loop()
         loop._merge([TokenOutput("a", [1], 4, None), out])
-        asyncio.run(loop._io(idle=False))
+        asyncio.run(loop._flush())
         assert len(q.published) == 1 and not loop._pending and not loop._urgent
         sent = {d.request_id: d for b in q.published[0].values() for d in b.deltas}
         assert sent[out.request_id].offset == out.offset

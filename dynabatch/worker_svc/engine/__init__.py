@@ -1,15 +1,18 @@
-"""The engine: runs the model with continuous batching over a paged KV cache (see api.py)."""
+"""The engine: runs the model with continuous batching over a paged KV cache (see api.py).
+
+torch is imported only when an engine is built: the worker's serving process imports the engine
+contract (api.py) without it; only the engine process (worker_svc/engine_proc.py) needs torch."""
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
 
-import torch
-
 from dynabatch.worker_svc.engine.api import (Engine, EngineStats, Sampling, SequenceRequest,
                                              TokenOutput)
 
 if TYPE_CHECKING:
+    import torch
+
     from dynabatch.worker_svc.engine.engine import PagedEngine
 
 __all__ = ["Engine", "EngineStats", "Sampling", "SequenceRequest", "TokenOutput", "build_engine",
@@ -31,6 +34,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     the decoder layers of decode steps through torch.compile (faster steps; adds ~10 s to
     start-up on an H200). The returned engine's `startup_s` is the measured build time.
     """
+    import torch
+
     from dynabatch.wire import models
     from dynabatch.worker_svc.engine import compiled, kv_cache, loader
     from dynabatch.worker_svc.engine.engine import PagedEngine
