@@ -80,6 +80,10 @@ class SchedulerMetrics:
         self.tokens_per_s = MeasuredGauge("dynabatch_output_tokens_per_second", "Output tokens "
                                           "relayed per second between the last two refreshes", r)
         self._sla_window: deque[bool] = deque(maxlen=SLA_WINDOW)
+        self._sla_window_met = 0     # True values in _sla_window (kept, not summed per request)
+        # labelled children by label values: labels() takes a lock and validates on every call,
+        # these are looked up once per request (series are never removed from these metrics)
+        self._children: dict[tuple, object] = {}
         self._workers: set[str] = set()
         self._rate_mark: tuple[float, float] | None = None   # (time, output tokens then)
         self.output_total = 0        # output tokens relayed so far
@@ -91,20 +95,33 @@ class SchedulerMetrics:
             self.output_tokens.inc(self.output_total - self._output_counted)
             self._output_counted = self.output_total
 
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, cached (for the per-request metrics, whose series are never
+        removed)."""
+        key = (metric, *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
     def completed(self, model: str, timings: Timings, ttft_target_s: float,
                   tpot_target_s: float) -> None:
         """A request ended normally: latency histograms and SLA attainment."""
-        if timings.output_tokens:
-            self.ttft.labels(model).observe(timings.ttft_ms / 1000)
-        if timings.output_tokens > 1:
-            self.tpot.labels(model).observe(timings.tpot_ms / 1000)
-        met = timings.ttft_ms / 1000 <= ttft_target_s and (
-            timings.output_tokens < 2 or timings.tpot_ms / 1000 <= tpot_target_s)
+        n, ttft_s, tpot_s = timings.output_tokens, timings.ttft_ms / 1000, timings.tpot_ms / 1000
+        if n:
+            self.child(self.ttft, model).observe(ttft_s)
+        if n > 1:
+            self.child(self.tpot, model).observe(tpot_s)
+        met = ttft_s <= ttft_target_s and (n < 2 or tpot_s <= tpot_target_s)
         self.sla_evaluated.inc()
         if met:
             self.sla_met.inc()
-        self._sla_window.append(met)
-        self.sla_attainment.set(sum(self._sla_window) / len(self._sla_window))
+        window = self._sla_window
+        if len(window) == window.maxlen:
+            self._sla_window_met -= window[0]       # about to fall out
+        window.append(met)
+        self._sla_window_met += met
+        self.sla_attainment.set(self._sla_window_met / len(window))
 
     def decided(self, d: Decision) -> None:
         for worker, v in d.b_mem.items():

@@ -45,7 +45,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         with self.telemetry.rpc(request, context, self.default_model) as rpc:
-            async for msg in self._generate(request, context, rpc):
+            tracked = await self._admit(request, context, rpc)
+            async for msg in self._stream(tracked, 0, request.skip_text, context):
                 rpc.sent(msg)
                 yield msg
 
@@ -55,8 +56,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
 
-    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
-                        rpc: RpcTelemetry):
+    async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                     rpc: RpcTelemetry) -> Tracked:
+        """Validation, admission control and the queue write: the request to stream, or the
+        call ends here with the status that says why not. (A coroutine, not a generator layer
+        that every message of the stream would pass through.)"""
         await self._refuse_early(request, context)
         try:
             item = validate(request, self.models, self.default_model, self.limits,
@@ -92,8 +96,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"queue unavailable: {e}")
         self.batching.wake.set()
         log.debug("queued %s (%d prompt tokens)", item.request_id, len(item.prompt_token_ids))
-        async for msg in self._stream(tracked, 0, request.skip_text, context):
-            yield msg
+        return tracked
 
     def _for_admission(self, item) -> Waiting:
         """The request as admission control sees it: its TTFT target less the headroom kept for
@@ -106,12 +109,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext):
         with self.telemetry.rpc(request, context, self.default_model) as rpc:
-            async for msg in self._resume(request, context, rpc):
+            tracked = await self._find(request, context, rpc)
+            async for msg in self._stream(tracked, request.offset, request.skip_text, context):
                 rpc.sent(msg)
                 yield msg
 
-    async def _resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext,
-                      rpc: RpcTelemetry):
+    async def _find(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext,
+                    rpc: RpcTelemetry) -> Tracked:
+        """The request a Resume follows (live or recently ended), or the call ends here."""
         await self._refuse_early(request, context)
         tracked = self.table.find(request.request_id)
         if tracked is None:
@@ -119,8 +124,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                 f"request_id: {request.request_id!r} is unknown here or ended long ago")
         rpc.validated(tracked.item)
         await context.send_initial_metadata((("x-request-id", tracked.item.request_id),))
-        async for msg in self._stream(tracked, request.offset, request.skip_text, context):
-            yield msg
+        return tracked
 
     async def _stream(self, tracked: Tracked, offset: int, skip_text: bool, context):
         """Follow a request's output from `offset`; a client leaving cancels it (not while

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
@@ -42,14 +42,18 @@ FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
           pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_ERROR: "error"}
 PRIORITY = {pb.PRIORITY_LOW: "low", pb.PRIORITY_NORMAL: "normal", pb.PRIORITY_HIGH: "high"}
 REFRESH_S = 0.5     # how often the batching loop's gauges are re-sampled
+_UNTRACED = contextlib.nullcontext()
 
 
 class RpcTelemetry:
-    """One Generate or Resume call: its span (None when tracing is off) and its request."""
+    """One Generate or Resume call: its span (None when tracing is off) and its request. A
+    context manager around the whole call (a class, not a generator-based one: one per RPC)."""
 
     def __init__(self, span: trace.Span | None, metrics: SchedulerMetrics, resume: bool,
-                 active: dict[str, RpcTelemetry]) -> None:
+                 active: dict[str, RpcTelemetry], owner: SchedulerTelemetry,
+                 context: grpc.aio.ServicerContext) -> None:
         self.span, self.metrics, self.resume, self.active = span, metrics, resume, active
+        self.owner, self.context = owner, context
         # an unsampled trace still passes its context on (so the worker does not start one of
         # its own), but gets no events, links or attributes
         self.recording = span is not None and span.is_recording()
@@ -59,6 +63,12 @@ class RpcTelemetry:
         self.first_token = False
         self.linked_attempt = -1        # the worker attempt whose span is linked last
         self.final: pb.GenerateResponse | None = None
+
+    def __enter__(self) -> RpcTelemetry:
+        return self
+
+    def __exit__(self, typ, error: BaseException | None, tb) -> None:
+        self.owner._close(self, self.context, error)     # the exception, if any, goes on
 
     def validated(self, item: WorkItem) -> None:
         """The request is known: a valid new one (Generate) or the one to follow (Resume)."""
@@ -81,22 +91,20 @@ class RpcTelemetry:
         if msg.finish_reason:
             self.final = msg
 
-    @contextlib.contextmanager
-    def queued(self, item: WorkItem) -> Iterator[None]:
-        """Around the queue write: the span is current and its context rides in the item."""
+    def queued(self, item: WorkItem) -> contextlib.AbstractContextManager:
+        """The request is admitted; around the queue write (`with rpc.queued(item): ...`) the span
+        is current and its context rides in the item."""
         self.admitted = True
         if self.recording:
             self.active[item.request_id] = self
         self.metrics.admissions.inc()
         self.metrics.input_tokens.inc(len(item.prompt_token_ids))
         if self.span is None:
-            yield
-            return
+            return _UNTRACED
         telemetry.inject(item.trace_context, self.span)
         self.span.add_event("queued")
-        with trace.use_span(self.span, end_on_exit=False, record_exception=False,
-                            set_status_on_exception=False):
-            yield
+        return trace.use_span(self.span, end_on_exit=False, record_exception=False,
+                              set_status_on_exception=False)
 
 
 class SchedulerTelemetry:
@@ -114,19 +122,12 @@ class SchedulerTelemetry:
         return cls(policy, getattr(policy, "config", PolicyConfig()), None, SchedulerMetrics())
 
     # -- the RPCs ------------------------------------------------------------------------------
-    @contextlib.contextmanager
     def rpc(self, request: pb.GenerateRequest | pb.ResumeRequest, context: grpc.aio.ServicerContext,
-            default_model: str) -> Iterator[RpcTelemetry]:
-        """Wraps a whole Generate or Resume call; ends its span on the way out (and counts a
-        Generate that was refused)."""
-        rpc = RpcTelemetry(self._start_span(request, context, default_model), self.metrics,
-                           isinstance(request, pb.ResumeRequest), self.active)
-        try:
-            yield rpc
-        except BaseException as e:
-            self._close(rpc, context, e)
-            raise
-        self._close(rpc, context, None)
+            default_model: str) -> RpcTelemetry:
+        """Wraps a whole Generate or Resume call (`with telemetry.rpc(...) as rpc:`); ends its
+        span on the way out (and counts a Generate that was refused)."""
+        return RpcTelemetry(self._start_span(request, context, default_model), self.metrics,
+                            isinstance(request, pb.ResumeRequest), self.active, self, context)
 
     def _start_span(self, request, context: grpc.aio.ServicerContext,
                     default_model: str) -> trace.Span | None:
@@ -188,15 +189,15 @@ class SchedulerTelemetry:
     # -- hooks from the request table, the batching loop and the relay ------------------------
     def ended(self, tracked: Tracked, outcome: str) -> None:
         """A request ended (completed, cancelled or failed): its latency and SLA metrics."""
-        item, model = tracked.item, tracked.item.model
-        self.metrics.finished.labels(outcome).inc()
+        item, model, m = tracked.item, tracked.item.model, self.metrics
+        m.child(m.finished, outcome).inc()
         error = "" if outcome == "completed" else (
             tracked.failure.code.name if tracked.failure else outcome.upper())
-        self.metrics.duration.labels(model, error).observe(time.monotonic() - tracked.arrival)
+        m.child(m.duration, model, error).observe(time.monotonic() - tracked.arrival)
         if outcome == "completed" and tracked.final_timings is not None:
-            self.metrics.completed(model, tracked.final_timings,
-                                   item.ttft_target_ms / 1000 or self.ttft_target_s,
-                                   item.tpot_target_ms / 1000 or self.tpot_target_s)
+            m.completed(model, tracked.final_timings,
+                        item.ttft_target_ms / 1000 or self.ttft_target_s,
+                        item.tpot_target_ms / 1000 or self.tpot_target_s)
 
     def assigned(self, tracked: Tracked, worker_id: str, decision: Decision) -> None:
         rpc = self.active.get(tracked.item.request_id)
