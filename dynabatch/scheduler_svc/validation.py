@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dynabatch.v1.scheduler_pb2 import GenerateRequest
@@ -59,11 +60,13 @@ def validate(req: GenerateRequest, models: dict[str, ModelInfo], default_model: 
         queue_deadline_unix_ns=arrival_unix_ns + queue_ms * 1_000_000)
 
 
-def _prompt_ids(req: GenerateRequest, info: ModelInfo, limits: Limits) -> list[int]:
+def _prompt_ids(req: GenerateRequest, info: ModelInfo, limits: Limits) -> Sequence[int]:
     if req.prompt and req.prompt_token_ids:
         raise InvalidRequest("prompt: set either prompt or prompt_token_ids, not both")
     if req.prompt_token_ids:
-        ids = list(req.prompt_token_ids)
+        # the repeated field itself, not a list of it: WorkItem copies it in C (from a list, one
+        # Python int at a time: ~40x slower, 2000 tokens ~75 us)
+        ids = req.prompt_token_ids
         bad = next((t for t in ids if t < 0 or t >= info.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"prompt_token_ids: {bad} is outside the vocabulary [0, {info.vocab_size})")
