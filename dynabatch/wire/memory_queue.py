@@ -54,14 +54,15 @@ class MemoryQueue:
         expiry = self._workers.get(worker_id, (0.0, b""))[0]
         if expiry <= time.monotonic():
             return []                       # dead or unknown: its work would never run
-        moved = []
+        moved, sent, pending = [], [], self._pending[worker_id]
         for item in items:
             if self._waiting.pop(item.request_id, None) is None:
                 continue
             data = item.SerializeToString()
-            self._pending[worker_id][item.request_id] = data
-            self._assign[worker_id].put([data])
+            pending[item.request_id] = data
+            sent.append(data)
             moved.append(item.request_id)
+        self._assign[worker_id].put(sent)       # one wake for the whole assignment
         return moved
 
     async def remove_waiting(self, request_id: str) -> bool:
