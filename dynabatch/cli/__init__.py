@@ -268,9 +268,12 @@ async def _worker(args, queue, stop: asyncio.Event) -> int:
     spec = EngineSpec(args.engine, args.model, engine_options(args))
     try:
         await run_worker(queue, cfg, spec, stop, args.health_listen)
-    except EngineDied as e:      # its requests are reclaimed once the heartbeat expires
+    except EngineDied as e:
+        # A crash, as if the worker itself had died: exit at once, no cleanup (a slow exit
+        # would only hold its requests longer; they are reclaimed once its heartbeat expires).
         logging.getLogger("dynabatch.worker").error("worker %s: %s", cfg.worker_id, e)
-        return e.exit_code
+        logging.shutdown()
+        os._exit(e.exit_code)
     return 0
 
 

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dynabatch.wire.queue import Queue
-from dynabatch.worker_svc.engine_client import EngineProcess
+from dynabatch.worker_svc.engine_client import EngineDied, EngineProcess
 from dynabatch.worker_svc.engine_proc import EngineSpec
 from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
 
@@ -46,8 +46,8 @@ class HealthEndpoint:
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.servicer.set("", status)
 
-    async def stop(self) -> None:
-        await self.server.stop(1)
+    async def stop(self, grace_s: float = 1.0) -> None:
+        await self.server.stop(grace_s)
 
 
 async def run_worker(queue: Queue, config: WorkerConfig, spec: EngineSpec, stop: asyncio.Event,
@@ -60,12 +60,16 @@ async def run_worker(queue: Queue, config: WorkerConfig, spec: EngineSpec, stop:
         log.info("worker health on port %d", port)
     engine = EngineProcess(spec)
     loop = WorkerLoop(queue, engine, config)
+    grace_s = 1.0
     try:
         await engine.start()
         if endpoint:
             await endpoint.set(True)
         await loop.run(stop)
+    except EngineDied:
+        grace_s = 0.0            # a crash: go now, the scheduler reclaims what was held
+        raise
     finally:
         await engine.close()
         if endpoint:
-            await endpoint.stop()
+            await endpoint.stop(grace_s)

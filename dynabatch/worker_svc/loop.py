@@ -27,7 +27,7 @@ from dynabatch.wire.queue import Queue, QueueError
 from dynabatch.wire.traced_queue import traced
 from dynabatch.worker_svc import engine_wire as wire
 from dynabatch.worker_svc.engine.api import TokenOutput
-from dynabatch.worker_svc.engine_client import EngineProcess
+from dynabatch.worker_svc.engine_client import EngineDied, EngineProcess
 from dynabatch.worker_svc.metrics import WorkerMetrics
 from dynabatch.worker_svc.tracing import WorkerTracing
 
@@ -97,6 +97,7 @@ class WorkerLoop:
         self._refresh_feedback(force=True)
         beats_done = asyncio.Event()
         beats = asyncio.create_task(self._heartbeats(beats_done), name="heartbeats")
+        died = False
         try:
             while (not stop.is_set() or self._live or self._pull or self._inbox or self._pending
                    or self._errors):
@@ -108,13 +109,20 @@ class WorkerLoop:
                     self._backoff.ok(self.cfg.worker_id)
                 except QueueError as e:
                     await self._backoff.wait(e, self.cfg.worker_id)
+        except EngineDied:
+            died = True
+            raise
         finally:
             self.accepting = False
             if self._pull is not None:   # only when the loop failed: what it took is reclaimed
                 self._pull.cancel()
-            self._refresh_feedback(force=True)
-            beats_done.set()
-            await beats
+            if died:     # no last heartbeat: it would delay the reclaim of what this worker held
+                beats.cancel()
+                await asyncio.gather(beats, return_exceptions=True)
+            else:
+                self._refresh_feedback(force=True)
+                beats_done.set()
+                await beats
             if self.tracing:
                 self.tracing.close("worker stopped")
             if self.metrics_server is not None:
