@@ -3,7 +3,7 @@ import pytest
 
 from dynabatch.scheduler_svc.policy import PolicyConfig, make_policy
 
-from .helpers import req, worker
+from .helpers import req, running, worker
 
 MEASURED = worker("w", step_ms=50.0, batch=10.0, steps=5)   # 10 slots, 100 tokens × 50 ms
 
@@ -88,3 +88,23 @@ def test_queue_statistics_follow_the_snapshot():
     assert p.admit(req("a"), grown, [MEASURED], 0.0).accepted
     grown.append(req("q9"))                                          # same list, new length
     assert not p.admit(req("a"), grown, [MEASURED], 0.0).accepted
+
+
+def one_blip(smoothing_s: float):
+    """A worker measured at 5 ms steps for 10 s, then one feedback period at 100 ms (a burst of
+    prefills): should 3 requests ahead and no free slot reject a 2 s TTFT target?"""
+    p = policy(admission_smoothing_s=smoothing_s, b_max=8)
+    for k in range(40):
+        p.decide([], [worker("w", step_ms=5.0, batch=8.0, steps=k + 1,
+                             assigned=running(8))], k * 0.25)
+    blip = worker("w", step_ms=100.0, batch=8.0, steps=41, assigned=running(8))
+    p.decide([], [blip], 10.25)
+    waiting = [req(f"q{i}", max_tokens=100, at=10.0) for i in range(3)]
+    return p.admit(req("a", max_tokens=100, ttft=2.0, at=10.25), waiting, [blip], 10.25)
+
+
+def test_one_slow_feedback_period_does_not_reject():
+    """Smoothed: the rate is still ~the 5 ms steps' (wait ≈ 0.3 s), so the request is admitted.
+    Unsmoothed (0 s): 8 slots per 100 × 100 ms = 0.8 req/s, 4 to go = 5 s > 2 s: rejected."""
+    assert one_blip(5.0).accepted
+    assert one_blip(0.0).reason == "deadline_unmeetable"

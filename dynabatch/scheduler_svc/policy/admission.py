@@ -7,9 +7,17 @@ b_target slots over once per (mean output length × decode step time), so reques
 queue at sum_w b_target_w / (mean_out × step_w) per second. A request waits for the requests of
 its class or higher ahead of it, less the slots free right now. Without a measurement (no worker
 has stepped yet) the wait is unknown and only the queue bounds apply.
+
+Each worker's b_target / step is smoothed over time (ServiceRate, time constant
+`admission_smoothing_s`): one feedback period can hold a burst of prefills that makes its mean
+step 10× a decode step, and b_target itself moves with memory. Unsmoothed, such a blip predicted
+waits of 4–8 s for requests that then waited well under their 2 s TTFT target, and each of those
+rejections counted as a missed SLA (simulated 8B, KV 2 GiB, 3.3 req/s: 11 rejected, attainment
+98.2% vs 98.9% with admission off; none of the 13 requests predicted past 2 s would have missed).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -19,15 +27,44 @@ from .slots import eligible
 from .types import Admission, Waiting, WorkerView
 
 
-def service_rate(workers: Sequence[WorkerView], targets: Mapping[str, int], mean_output: float,
-                 cfg: PolicyConfig) -> float:
+class ServiceRate:
+    """Per worker, an exponentially time-weighted mean of b_target / decode step (sequence-tokens
+    per second), updated on each fresh measurement; time is the caller's `now`."""
+
+    def __init__(self, tau_s: float) -> None:
+        self.tau_s = tau_s
+        self._rates: dict[str, tuple[float, float]] = {}    # worker -> (rate, at)
+
+    @staticmethod
+    def sample(w: WorkerView, target: int | None) -> float:
+        """This measurement's b_target / step (0 without a measurement)."""
+        if w.decode_step_ms < 1e-3:          # none yet (or not a real measurement)
+            return 0.0
+        b = target if target is not None else max(1, round(w.decode_batch_size))
+        return b * 1000.0 / w.decode_step_ms
+
+    def update(self, w: WorkerView, target: int | None, now: float) -> None:
+        sample = self.sample(w, target)
+        if sample <= 0:
+            return
+        prev = self._rates.get(w.worker_id)
+        if prev is None or self.tau_s <= 0:
+            self._rates[w.worker_id] = (sample, now)
+            return
+        weight = 1.0 - math.exp(-max(now - prev[1], 0.0) / self.tau_s)
+        self._rates[w.worker_id] = (prev[0] + weight * (sample - prev[0]), now)
+
+    def of(self, w: WorkerView, target: int | None) -> float:
+        """The smoothed rate, or this measurement's before the first update."""
+        hit = self._rates.get(w.worker_id)
+        return hit[0] if hit is not None else self.sample(w, target)
+
+
+def service_rate(workers: Sequence[WorkerView], targets: Mapping[str, int], rates: ServiceRate,
+                 mean_output: float, cfg: PolicyConfig) -> float:
     """Requests per second the eligible, measured workers complete (0 if unknown)."""
-    rate = 0.0
-    for w in workers:
-        if eligible(w, cfg) and w.decode_step_ms > 0:
-            b = targets.get(w.worker_id, max(1, round(w.decode_batch_size)))
-            rate += b / (max(mean_output, 1.0) * w.decode_step_ms / 1000.0)
-    return rate
+    total = sum(rates.of(w, targets.get(w.worker_id)) for w in workers if eligible(w, cfg))
+    return total / max(mean_output, 1.0)
 
 
 def free_slots(workers: Sequence[WorkerView], targets: Mapping[str, int],
@@ -58,9 +95,9 @@ class QueueStats:
 
 
 def admit(req: Waiting, predicted_output: int, queue: QueueStats,
-          workers: Sequence[WorkerView], targets: Mapping[str, int], mean_output: float,
-          now: float, cfg: PolicyConfig) -> Admission:
-    rate = service_rate(workers, targets, mean_output, cfg)
+          workers: Sequence[WorkerView], targets: Mapping[str, int], rates: ServiceRate,
+          mean_output: float, now: float, cfg: PolicyConfig) -> Admission:
+    rate = service_rate(workers, targets, rates, mean_output, cfg)
 
     def drain_time(n: int) -> float:
         """Seconds until n more requests have left the queue (fallback: a tenth of max_wait)."""

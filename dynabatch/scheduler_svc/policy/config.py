@@ -26,9 +26,13 @@ class PolicyConfig:
     ordering: Ordering = "priority"          # fifo: arrival order (resumed first)
     num_bins: int = 1                        # > 1: multi-bin (per-bin controllers)
     bin_key: BinKey = "output"               # bin by predicted output, or prompt (coalescing)
-    # Reserve KV for prompt + predicted output (Alg. 1); False: prompt and generated tokens only
-    # (vLLM's admission: it preempts when sequences outgrow memory).
-    reserve_output: bool = True
+    # False (default): plan KV for prompt and generated tokens only, as vLLM admits, and let the
+    # worker preempt (recompute) when sequences outgrow memory; Alg. 1's b_mem, from measured
+    # blocks per sequence, keeps the batch inside eta of the pool. True: also reserve the
+    # predicted output, which never preempts but holds blocks for tokens not generated yet: it
+    # lost capacity in every simulated Azure setting (8B KV 2 GiB 3.11 vs 3.47 req/s, 8B KV 8 GiB
+    # 7.51 vs 7.80, 1B equal; bench/results/e2e_h200/REPORT.md).
+    reserve_output: bool = False
 
     # --- Algorithm 1: memory ---
     b_min: int = 1
@@ -53,6 +57,7 @@ class PolicyConfig:
     # --- admission ---
     max_queue_requests: int = 10_000
     max_queue_tokens: int = 4_000_000  # prompt + max_tokens of all waiting requests
+    admission_smoothing_s: float = 5.0  # time constant of the service-rate estimate (0: none)
 
     # --- baselines ---
     max_num_seqs: int = 256           # fcfs (controller=fixed): vLLM's default
@@ -83,8 +88,9 @@ class PolicyConfig:
             "num_bins, max_num_seqs, static_batch_size, history_size, bin_refresh >= 1":
                 min(self.num_bins, self.max_num_seqs, self.static_batch_size, self.history_size,
                     self.bin_refresh) >= 1,
-            "eps, alpha, delta, sla_step, ttft_target_s >= 0":
-                min(self.eps, self.alpha, self.delta, self.sla_step, self.ttft_target_s) >= 0,
+            "eps, alpha, delta, sla_step, ttft_target_s, admission_smoothing_s >= 0":
+                min(self.eps, self.alpha, self.delta, self.sla_step, self.ttft_target_s,
+                    self.admission_smoothing_s) >= 0,
         }
         bad = [rule for rule, ok in checks.items() if not ok]
         if bad:
@@ -97,8 +103,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # Baselines (honest comparison): seed 002's static_fifo, seed 000's naive window, vLLM FCFS.
     "static": dict(batching="static", controller="fixed", ordering="fifo", num_bins=1),
     "naive": dict(batching="window", controller="fixed", ordering="fifo", num_bins=1),
-    "fcfs": dict(batching="continuous", controller="fixed", ordering="fifo", num_bins=1,
-                 reserve_output=False),
+    "fcfs": dict(batching="continuous", controller="fixed", ordering="fifo", num_bins=1),
     # Alg. 1 + 2 on one queue, and with K bins by predicted output length.
     "dynamic": dict(batching="continuous", controller="dynamic", ordering="priority", num_bins=1),
     "multibin": dict(batching="continuous", controller="dynamic", ordering="priority",

@@ -33,6 +33,7 @@ class BatchingPolicy:
         self.bins = BinBoundaries(c.num_bins, c.history_size, c.bin_refresh)
         self.controllers: dict[tuple[str, int], SlaController] = {}
         self.targets: dict[str, int] = {}        # last b_target per worker (admission estimates)
+        self.rates = admission.ServiceRate(c.admission_smoothing_s)
         self.mean_output = 0.0                   # EWMA of completed output lengths
         self._steps: dict[str, int] = {}
         self._tpot: dict[str, float] = {}        # own TPOT targets of assigned requests
@@ -44,26 +45,31 @@ class BatchingPolicy:
 
     # ---- feedback -------------------------------------------------------------------------
     def observe(self, worker: WorkerView, now: float) -> None:
-        """Alg. 2 update, only on a fresh measurement (steps advanced) of a non-empty batch, of
+        """On a fresh measurement (steps advanced): the admission service-rate estimate, and
+        (dynamic) the Alg. 2 update, only for a non-empty batch, of
         the controller of every bin present in the worker's batch: each learns "a batch of this
         size, with me in it, met / missed the TPOT target". Crediting only the majority bin let
         the others ride free (their targets stayed at the start of the band while the batch
         missed): in the simulator (llama-1B latency model, TPOT 4 ms, 80 req/s) multibin's
         goodput went from 27.5 to 36.7 req/s with this (dynamic: 29.6)."""
-        if self.config.controller != "dynamic":
-            return
         last = self._steps.get(worker.worker_id)
         if last is not None and worker.steps <= last:
             return
         self._steps[worker.worker_id] = worker.steps
+        self.rates.update(worker, self.targets.get(worker.worker_id), now)
+        if self.config.controller != "dynamic":
+            return
         if worker.decode_step_ms <= 0 or worker.decode_batch_size <= 0 or worker.steps <= 0:
             return
         k = self.config.num_bins
         present = {clamp_bin(a.bin, k) for a in worker.assigned} or {0}
         target = self.tpot_target(worker)
+        # The controlled quantity is what b_target caps, the requests assigned to the worker;
+        # the decode batch lags it while assigned requests wait for prefill (README).
+        batch = max(worker.decode_batch_size, float(len(worker.assigned)))
         for bin_ in sorted(present):
             self.controller(worker.worker_id, bin_).update(
-                worker.decode_step_ms / 1000.0, worker.decode_batch_size, target)
+                worker.decode_step_ms / 1000.0, batch, target)
 
     def tpot_target(self, worker: WorkerView) -> float:
         """The batch's TPOT target: the tightest among its requests (their own or the default)."""
@@ -100,7 +106,7 @@ class BatchingPolicy:
             self._queue_stats = (waiting, admission.QueueStats.of(waiting))
         predicted = self.predict(req)[0]
         return admission.admit(req, predicted, self._queue_stats[1], workers, self.targets,
-                               self.mean_output or predicted, now, self.config)
+                               self.rates, self.mean_output or predicted, now, self.config)
 
     # ---- decision -------------------------------------------------------------------------
     def predict(self, req: Waiting) -> tuple[int, int]:
