@@ -55,14 +55,15 @@ async def test_headroom_decides_who_gets_more(policy):
     assert len(roomy) + len(full) + len(await queue.waiting()) == 40   # nothing lost
 
 
-async def test_memory_budget_is_never_exceeded():
-    # With no history the prediction is max_tokens: 64 prompt + 64 output = 8 blocks of 16
-    # tokens per request, so 100 free blocks hold 12, however long the queue.
-    queue, loop = await setup("dynamic", 40)
+@pytest.mark.parametrize("reserve_output, per_request", [(True, 8), (False, 4)])
+async def test_memory_budget_is_never_exceeded(reserve_output, per_request):
+    # 64 prompt tokens = 4 blocks of 16; with output reservation and no history the prediction
+    # is max_tokens, 64 more = 8 blocks. 100 free blocks hold 12 or 25, however long the queue.
+    queue, loop = await setup("dynamic", 40, reserve_output=reserve_output)
     await queue.heartbeat(feedback("w", used=900), ttl_s=5)
     await loop.tick(time.time())
     got = await assigned(queue, "w")
-    assert len(got) == 100 // 8
+    assert len(got) == 100 // per_request
     assert len(await queue.waiting()) == 40 - len(got)
 
 
