@@ -68,11 +68,18 @@ async def _serve(workers: int, max_running: int, port: int) -> None:
 
 async def _answer_counts(counts: Callable[[], dict[str, int]]) -> None:
     """Serve process side of `_pipe_counts`: every line read on stdin is answered with the
-    server's request counters and output tokens relayed (a JSON line on stdout), until killed."""
-    loop = asyncio.get_running_loop()
-    loop.add_reader(sys.stdin.fileno(),
-                    lambda: sys.stdin.readline() and print(json.dumps(counts()), flush=True))
-    await asyncio.Event().wait()
+    server's request counters and output tokens relayed (a JSON line on stdout). Returns when
+    stdin closes (the benchmark is gone)."""
+    loop, closed = asyncio.get_running_loop(), asyncio.Event()
+
+    def answer() -> None:
+        if sys.stdin.readline():
+            print(json.dumps(counts()), flush=True)
+        else:
+            loop.remove_reader(sys.stdin.fileno())
+            closed.set()
+    loop.add_reader(sys.stdin.fileno(), answer)
+    await closed.wait()
 
 
 async def _serve_floor(port: int) -> None:
