@@ -58,6 +58,8 @@ for stage in "$@"; do
                --baseline-batches none --json "$OUT/engine_h200_8b.json" 2>&1 | tee "$OUT/engine8b.log" ;;
     live1b-a) live live_1b_a 400 llama-3.2-1b-shape --seconds 20 \
                --point dynamic@50,60,70 --point fcfs@60,70 --point multibin@50,60 ;;
+    live1b-c) live live_1b_c 170 llama-3.2-1b-shape --seconds 20 \
+               --point dynamic@50,60 --point fcfs@60 --point multibin@60 ;;   # short: 6 device min left
     live1b-b) live live_1b_b 120 llama-3.2-1b-shape --seconds 20 --point static@4 --point naive@10 ;;
     live8b-a) live live_8b_a 480 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
                --point dynamic@3,3.5,4 --point fcfs@3.5,4 ;;
