@@ -29,7 +29,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TRACE=.carry/azure_llm_conv_2023.csv
-KV8B=${KV8B:-1024}        # 8B KV pool: 1024 x 16-token blocks = 2 GiB (32k tokens)
+KV8B=${KV8B:-1024}        # 8B KV pool: 1024 x 16-token blocks = 16k tokens, 2 GiB
 SLA=(--ttft-ms 2000 --tpot-ms 50)
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
