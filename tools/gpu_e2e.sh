@@ -9,8 +9,9 @@
 #                 model is fitted to it)                             -> engine_h200_8b.json
 #   live1b-a/-b   capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
 #   live8b-a/-b   capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b_*.json
-# The grids continue bench/results/e2e_h200 (session 2, a69d706: fcfs held 100% at 50 req/s
-# on the 1B and at 3 on the 8B; session 3 measured the rest with the policy of d50290c).
+# The grids continue bench/results/e2e_h200 (sessions 2 and 3; REPORT.md). Still to run:
+# live1b-a (fcfs and multibin at 60-70 req/s, next to dynamic's 100% at 60), live1b-b, and
+# live8b-c (60-s points: the 30-s ones were decided by 1-8 requests of one end-of-segment burst).
 # Inputs that are not in git (all git-ignored), made here in the repo root before the run:
 #   .whl:   wheels the machine lacks (grpcio/protobuf at the versions of our generated code,
 #           redis, opentelemetry):
@@ -57,12 +58,14 @@ for stage in "$@"; do
                --batches 1,16,64 --prompt-len 1024 --output-len 128 --mixed-requests 64 --mixed-output 32 \
                --baseline-batches none --json "$OUT/engine_h200_8b.json" 2>&1 | tee "$OUT/engine8b.log" ;;
     live1b-a) live live_1b_a 400 llama-3.2-1b-shape --seconds 20 \
-               --point dynamic@50,60,70 --point fcfs@60,70 --point multibin@50,60 ;;
+               --point fcfs@60,70 --point dynamic@70 --point multibin@60,70 ;;
     live1b-c) live live_1b_c 170 llama-3.2-1b-shape --seconds 20 \
                --point dynamic@50,60 --point fcfs@60 --point multibin@60 ;;   # short: 6 device min left
     live1b-b) live live_1b_b 120 llama-3.2-1b-shape --seconds 20 --point static@4 --point naive@10 ;;
     live8b-a) live live_8b_a 480 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
                --point dynamic@3,3.5,4 --point fcfs@3.5,4 ;;
+    live8b-c) live live_8b_c 540 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 60 \
+               --point fcfs@3.5,4 --point multibin@4 --point dynamic@3.5 ;;   # 60-s points
     live8b-b) live live_8b_b 480 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
                --point multibin@3,3.5,4 --point fcfs:max_num_seqs=16@3.5 \
                --point fcfs:max_num_seqs=8@2.5 --point static@0.5 --point naive@0.5 ;;
