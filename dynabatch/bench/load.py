@@ -8,11 +8,9 @@ client processes) runs on the same machine: its CPU is reported too, and counts 
 Two phases: `admissions` (many short requests: admission + queue + relay per request) and
 `streaming` (long requests: token relay throughput).
 
-`--driver h2load` replaces the Python SDK load generator (which takes 0.7-1 core of the same
-machine) with nghttp2's h2load, in C: it POSTs one gRPC-framed GenerateRequest over many HTTP/2
-streams. h2load counts a request that ended with HTTP 200 as a success even when its grpc-status
-trailer is an error, so the stack's own counters (requests completed / rejected / failed) are read
-before and after each phase and must agree with it.
+`--driver h2load` replaces the Python SDK load generator (0.7-1 core of the same machine) with
+nghttp2's h2load, in C (bench/h2load.py); the stack's own counters (requests completed /
+rejected / failed) are read before and after each phase and must agree with it.
 """
 from __future__ import annotations
 
@@ -22,16 +20,14 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import resource
 import shutil
-import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
+from dynabatch.bench import h2load
 from dynabatch.client import AsyncDynabatchClient, DynabatchError, ResourceExhausted
 
 
@@ -147,59 +143,7 @@ def _driver_process(target, seconds, concurrency, max_tokens, channels, out) -> 
     out.put({**counts, "client_cpu_s": usage.ru_utime + usage.ru_stime})
 
 
-H2LOAD_MISSING = ("--driver h2load: no `h2load` on PATH; install it with "
-                  "`apt-get install -y nghttp2-client` (Debian/Ubuntu) or `brew install nghttp2`")
-Counts = dict[str, int]
-
-
-def _grpc_body(max_tokens: int) -> bytes:
-    """The SDK driver's request as one gRPC message on the wire: uncompressed flag, 4-byte
-    big-endian length, the serialized GenerateRequest. No request_id: the scheduler assigns one
-    (each h2load stream sends the same bytes)."""
-    from dynabatch.v1 import scheduler_pb2 as pb
-    msg = pb.GenerateRequest(prompt_token_ids=[1, 2, 3, 4], max_tokens=max_tokens, ignore_eos=True,
-                             skip_text=True).SerializeToString()
-    return b"\0" + struct.pack(">I", len(msg)) + msg
-
-
-def _h2load(target: str, seconds: float, concurrency: int, max_tokens: int,
-            connections: int, threads: int) -> dict:
-    """Run h2load for `seconds`: `connections` HTTP/2 connections, `concurrency` streams in all."""
-    exe = shutil.which("h2load")
-    if exe is None:
-        raise SystemExit(H2LOAD_MISSING)
-    streams = -(-concurrency // connections)
-    with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
-        body.write(_grpc_body(max_tokens))
-        body.flush()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        out = subprocess.run(
-            [exe, "-D", f"{round(seconds * 1000)}ms", "-c", str(connections), "-m", str(streams),
-             "-t", str(min(threads, connections)), "-d", body.name,
-             "-H", "content-type: application/grpc", "-H", "te: trailers",
-             f"http://{target}/dynabatch.v1.Scheduler/Generate"],
-            capture_output=True, text=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
-                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out.stdout)
-    rate = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out.stdout)
-    if out.returncode or m is None or rate is None:
-        raise RuntimeError(f"h2load failed (exit {out.returncode}):\n{out.stdout}{out.stderr}")
-    done, ok, failed, errored, timeout = map(int, m.groups()[2:])
-    return {"h2load_done": done, "h2load_succeeded": ok, "h2load_req_per_s": float(rate[1]),
-            "errors": failed + errored + timeout, "streams_per_connection": streams,
-            "client_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
-
-
-def _check_h2load(run: dict, server: Counts, in_flight: int) -> None:
-    """h2load's successes are HTTP 200s; the stack must have completed as many (grpc-status 0),
-    give or take the streams h2load dropped when time was up, and refused or failed none."""
-    ok = run["h2load_succeeded"]
-    bad = {k: server[k] for k in ("rejected", "failed") if server[k]}
-    if run["errors"] or bad or not ok <= server["completed"] <= ok + in_flight:
-        raise RuntimeError(f"h2load and the stack disagree: h2load {run}, stack {server} "
-                           f"(expected completed in [{ok}, {ok + in_flight}], none rejected "
-                           f"or failed)")
+Counts = h2load.Counts
 
 
 def phase(target: str, pids: list[int], name: str, seconds: float, procs: int, concurrency: int,
@@ -213,7 +157,7 @@ def phase(target: str, pids: list[int], name: str, seconds: float, procs: int, c
     if driver == "h2load":
         # one h2load thread per client process, all of them in one h2load
         concurrency, channels = concurrency * procs, channels * procs
-        total = _h2load(target, seconds, concurrency, max_tokens, channels, procs)
+        total = h2load.run(target, seconds, concurrency, max_tokens, channels, procs)
     else:
         total = _sdk(target, seconds, procs, concurrency, max_tokens, channels)
     wall, cpu = time.monotonic() - t0, sum(map(_cpu_s, pids)) - cpu0
@@ -224,7 +168,7 @@ def phase(target: str, pids: list[int], name: str, seconds: float, procs: int, c
     if driver == "h2load":
         if server is None:
             raise RuntimeError("--driver h2load needs the stack's counters to check its results")
-        _check_h2load(total, server, concurrency)
+        h2load.check(total, server, concurrency)
         # tokens: relayed by the stack (as the SDK driver counts those it received, streams
         # cut at the end included); h2load sees only bytes
         total.update(admitted=total["h2load_succeeded"], completed=total["h2load_succeeded"],
@@ -374,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                     else _serve(args.workers, args.max_running, args.port))
         return 0
     if args.driver == "h2load" and not shutil.which("h2load"):
-        raise SystemExit(H2LOAD_MISSING)
+        raise SystemExit(h2load.H2LOAD_MISSING)
     if args.driver == "h2load" and args.redis_url and args.processes > 1:
         raise SystemExit("--driver h2load checks its results against the scheduler's counters "
                          "(GetStats): with --redis-url, one scheduler process only")

@@ -7,12 +7,12 @@ import struct
 
 import pytest
 
-from dynabatch.bench import load
+from dynabatch.bench import h2load, load
 from dynabatch.v1 import scheduler_pb2 as pb
 
 
 def test_body_is_one_uncompressed_grpc_message():
-    body = load._grpc_body(7)
+    body = h2load.grpc_body(7)
     assert body[0] == 0 and struct.unpack(">I", body[1:5])[0] == len(body) - 5
     req = pb.GenerateRequest.FromString(body[5:])
     assert req.max_tokens == 7 and not req.request_id and req.skip_text and req.ignore_eos
@@ -20,13 +20,13 @@ def test_body_is_one_uncompressed_grpc_message():
 
 def test_check_refuses_http_successes_the_stack_did_not_complete():
     run = {"h2load_succeeded": 100, "errors": 0}
-    load._check_h2load(run, {"completed": 103, "rejected": 0, "failed": 0}, in_flight=8)
+    h2load.check(run, {"completed": 103, "rejected": 0, "failed": 0}, in_flight=8)
     for server in ({"completed": 0, "rejected": 0, "failed": 0},       # e.g. INVALID_ARGUMENT
                    {"completed": 100, "rejected": 3, "failed": 0},
                    {"completed": 100, "rejected": 0, "failed": 1},
                    {"completed": 120, "rejected": 0, "failed": 0}):
         with pytest.raises(RuntimeError, match="disagree"):
-            load._check_h2load(run, server, in_flight=8)
+            h2load.check(run, server, in_flight=8)
 
 
 @pytest.mark.skipif(shutil.which("h2load") is None,
