@@ -25,7 +25,8 @@ class Scheduler:
     Steps alternate between a prefill step (chunks of waiting or partly prefilled sequences,
     at most `token_budget` tokens) and a decode step (one token for every running sequence that
     is fully prefilled) whenever both kinds of work exist, so neither starves. A new sequence is
-    admitted only if one free block per running sequence stays in reserve, so decodes rarely
+    admitted only if its whole prompt fits with one free block per running sequence still in
+    reserve (its prefill may still run in chunks of the token budget), so decodes rarely
     preempt; when they must, the lowest-priority, latest-arrived running sequence is preempted
     by recompute.
     """
@@ -91,6 +92,8 @@ class Scheduler:
             budget -= chunk.end - chunk.start
         self.waiting.sort(key=Sequence.sort_key)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            if not self._whole_prompt_fits(self.waiting[0], reserve=len(self.running)):
+                break
             chunk = self._fit(self.waiting[0], budget, reserve=len(self.running))
             if chunk is None:
                 break
@@ -100,6 +103,13 @@ class Scheduler:
             chunks.append(chunk)
             budget -= chunk.end - chunk.start
         return chunks
+
+    def _whole_prompt_fits(self, seq: Sequence, reserve: int) -> bool:
+        """Admit a sequence only if all its prompt fits beside the reserve: admitted on a
+        partial chunk when memory is short, it would hold blocks it cannot complete, and the
+        next decode needing a block would preempt it (the latest arrival) to recompute later."""
+        need = -(-len(seq.tokens) // self.block_size) - len(seq.table.blocks)
+        return need <= self.alloc.free - reserve
 
     def _fit(self, seq: Sequence, budget: int, reserve: int) -> PrefillChunk | None:
         """The longest chunk of seq's missing tokens that fits the budget and the free blocks."""
