@@ -66,7 +66,8 @@ class TimelineSample:
     running: int
     kv_used: float          # share of the worker's KV blocks in use
     waiting: int            # scheduler queue
-    worker_queue: int       # assigned, not yet running
+    worker_queue: int       # assigned, not yet running (live: waiting inside the engine)
+    preemptions: int = 0    # the worker's preemptions so far
 
 
 @dataclass
@@ -79,7 +80,7 @@ class RunResult:
 
 RECORD_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens", "queue_ms", "server_ttft_ms",
                   "ttft_ms", "tpot_ms", "outcome")
-TIMELINE_COLUMNS = ("t", "running", "kv_used", "waiting")
+TIMELINE_COLUMNS = ("t", "running", "kv_used", "waiting", "worker_queue", "preemptions")
 
 
 def raw_rows(result: RunResult) -> dict:
@@ -92,8 +93,8 @@ def raw_rows(result: RunResult) -> dict:
              ms(r.arrival_s, r.first_token_s),
              round(r.tpot * 1000, 3) if r.outcome is Outcome.OK else None, r.outcome.value]
             for r in result.records]
-    timeline = [[round(x.t, 3), x.running, round(x.kv_used, 4), x.waiting]
-                for x in result.timeline]
+    timeline = [[round(x.t, 3), x.running, round(x.kv_used, 4), x.waiting, x.worker_queue,
+                 x.preemptions] for x in result.timeline]
     return {"request_columns": list(RECORD_COLUMNS), "requests": reqs,
             "timeline_columns": list(TIMELINE_COLUMNS), "timeline": timeline}
 

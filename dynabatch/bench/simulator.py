@@ -143,7 +143,8 @@ class Simulation:
         self.policy.observe(view, now)
         self.timeline.append(TimelineSample(now, worker.worker_id, batch, worker.running(),
                                             worker.used / self.cfg.model.kv_blocks_total,
-                                            len(self.waiting), len(worker.queue)))
+                                            len(self.waiting), len(worker.queue),
+                                            worker.preemptions))
 
     def _views(self, now: float) -> list[WorkerView]:
         for w, dirty in enumerate(self.dirty):

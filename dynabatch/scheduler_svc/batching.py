@@ -58,6 +58,7 @@ class BatchingLoop:
         self.waiting_count = 0
         self.last_waiting: list[Waiting] = []   # the latest snapshot (admission control reads it)
         self.models: dict[str, str] = {}         # worker id -> model it serves
+        self.feedback: dict[str, WorkerFeedback] = {}   # worker id -> its last feedback
         self.backoff = Backoff()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -84,6 +85,7 @@ class BatchingLoop:
     async def tick(self, now: float) -> None:
         feedback = await self.queue.workers()
         self.models = {fb.worker_id: fb.model for fb in feedback}
+        self.feedback = {fb.worker_id: fb for fb in feedback}
         self.workers = [self._view(fb, now) for fb in feedback]
         for view in self.workers:        # the policy ignores feedback whose steps did not advance
             self.policy.observe(view, now)

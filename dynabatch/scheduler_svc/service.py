@@ -16,7 +16,7 @@ from dynabatch.scheduler_svc.telemetry import RpcTelemetry, SchedulerTelemetry
 from dynabatch.scheduler_svc.validation import InvalidRequest, Limits, ModelInfo, validate
 from dynabatch.v1 import scheduler_pb2 as pb
 from dynabatch.v1 import scheduler_pb2_grpc
-from dynabatch.v1.worker_pb2 import WorkerControl
+from dynabatch.v1.worker_pb2 import WorkerControl, WorkerFeedback
 from dynabatch.wire.queue import Queue, QueueError
 
 log = logging.getLogger("dynabatch.scheduler")
@@ -179,9 +179,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                    running=sum(running.values()), models=sorted(self.models),
                                    **self.table.counts)
         for view in self.batching.workers:
+            fb = self.batching.feedback.get(view.worker_id) or WorkerFeedback()
             resp.workers.add(worker_id=view.worker_id, model=self.batching.models.get(view.worker_id, ""),
                              running=running.get(view.worker_id, 0),
                              kv_blocks_used=view.kv_blocks_used, kv_blocks_total=view.kv_blocks_total,
                              batch_target=self.batching.targets.get(view.worker_id, 0),
-                             decode_step_ms=view.decode_step_ms, heartbeat_age_s=view.heartbeat_age_s)
+                             decode_step_ms=view.decode_step_ms, heartbeat_age_s=view.heartbeat_age_s,
+                             engine_running=fb.running, engine_waiting=fb.waiting,
+                             preemptions=fb.preemptions)
         return resp

@@ -134,7 +134,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "model", "running", "kv_blocks_used", "kv_blocks_total", "batch_target", "decode_step_ms", "heartbeat_age_s")
+    __slots__ = ("worker_id", "model", "running", "kv_blocks_used", "kv_blocks_total", "batch_target", "decode_step_ms", "heartbeat_age_s", "engine_running", "engine_waiting", "preemptions")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,9 @@ class WorkerStats(_message.Message):
     BATCH_TARGET_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_MS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_WAITING_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     running: int
@@ -151,7 +154,10 @@ class WorkerStats(_message.Message):
     batch_target: int
     decode_step_ms: float
     heartbeat_age_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., batch_target: _Optional[int] = ..., decode_step_ms: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ...) -> None: ...
+    engine_running: int
+    engine_waiting: int
+    preemptions: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., batch_target: _Optional[int] = ..., decode_step_ms: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., engine_running: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("policy", "waiting", "running", "completed", "rejected", "cancelled", "failed", "workers", "models")

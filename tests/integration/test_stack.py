@@ -5,6 +5,7 @@ Runs against both queue backends: a real Redis server and the in-process default
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 import grpc
@@ -151,3 +152,26 @@ async def test_health_and_reflection(stack):
         call = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = [s.name async for r in call for s in r.list_services_response.service]
         assert "dynabatch.v1.Scheduler" in names and "grpc.health.v1.Health" in names
+
+
+async def test_stats_carry_the_engines_own_counts(stack):
+    """GetStats passes through what the engine reports (running in it, waiting in it for KV,
+    preempted), which the scheduler's own counts cannot see."""
+    async with AsyncDynabatchClient(stack.target, timeout=60) as client:
+        async def consume():
+            async for _ in client.stream(prompt_token_ids=[4, 5], max_tokens=1500,
+                                         ignore_eos=True, request_id="long-one"):
+                pass
+        task = asyncio.create_task(consume())
+        seen = None
+        for _ in range(300):                     # bounded: feedback arrives within ~1 s
+            stats = await client.stats()
+            seen = next((w for w in stats.workers if w.engine_running), None)
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        await client.cancel("long-one")
+        with contextlib.suppress(Exception):
+            await task
+        assert seen is not None and seen.engine_running == 1
+        assert seen.engine_waiting == 0 and seen.preemptions == 0
