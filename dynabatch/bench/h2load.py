@@ -46,7 +46,7 @@ def run(target: str, seconds: float, concurrency: int, max_tokens: int,
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
                   r"(\d+) failed, (\d+) errored, (\d+) timeout", out.stdout)
-    rate = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out.stdout)
+    rate = re.search(r"finished in [\d.]+[mu]?s, ([\d.]+) req/s", out.stdout)   # 998.79ms or 1.00s
     if out.returncode or m is None or rate is None:
         raise RuntimeError(f"h2load failed (exit {out.returncode}):\n{out.stdout}{out.stderr}")
     done, ok, failed, errored, timeout = map(int, m.groups()[2:])
