@@ -93,13 +93,16 @@ async def test_cancel_mid_stream_frees_the_slot(stack):
         assert stats.completed >= 3
 
 
+async def _consume_long(client: AsyncDynabatchClient, request_id: str) -> None:
+    """Stream a request long enough (1,500 tokens) to be cancelled or observed while running."""
+    async for _ in client.stream(prompt_token_ids=[4, 5], max_tokens=1500, ignore_eos=True,
+                                 request_id=request_id):
+        pass
+
+
 async def test_cancel_rpc_ends_the_stream_with_cancelled(stack):
     async with AsyncDynabatchClient(stack.target, timeout=60) as client:
-        async def consume():
-            async for _ in client.stream(prompt_token_ids=[4, 5], max_tokens=1500,
-                                         ignore_eos=True, request_id="to-cancel"):
-                pass
-        task = asyncio.create_task(consume())
+        task = asyncio.create_task(_consume_long(client, "to-cancel"))
         for _ in range(200):
             if await client.cancel("to-cancel"):
                 break
@@ -158,11 +161,7 @@ async def test_stats_carry_the_engines_own_counts(stack):
     """GetStats passes through what the engine reports (running in it, waiting in it for KV,
     preempted), which the scheduler's own counts cannot see."""
     async with AsyncDynabatchClient(stack.target, timeout=60) as client:
-        async def consume():
-            async for _ in client.stream(prompt_token_ids=[4, 5], max_tokens=1500,
-                                         ignore_eos=True, request_id="long-one"):
-                pass
-        task = asyncio.create_task(consume())
+        task = asyncio.create_task(_consume_long(client, "long-one"))
         seen = None
         for _ in range(300):                     # bounded: feedback arrives within ~1 s
             stats = await client.stats()
