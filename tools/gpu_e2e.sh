@@ -64,7 +64,7 @@ for stage in "$@"; do
     live1b-b) live live_1b_b 120 llama-3.2-1b-shape --seconds 20 --point static@4 --point naive@10 ;;
     live8b-a) live live_8b_a 480 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
                --point dynamic@3,3.5,4 --point fcfs@3.5,4 ;;
-    live8b-c) live live_8b_c 540 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 60 \
+    live8b-c) live live_8b_c 420 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 60 \
                --point fcfs@3.5,4 --point multibin@4 --point dynamic@3.5 ;;   # 60-s points
     live8b-b) live live_8b_b 480 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
                --point multibin@3,3.5,4 --point fcfs:max_num_seqs=16@3.5 \

@@ -112,6 +112,25 @@ def test_stop_token_ends_request_and_is_emitted(llama_path: Path) -> None:
     assert outs[-1].finish_reason == "stop"
 
 
+def test_stop_mid_batch_while_the_next_step_is_in_flight(llama_path: Path, ref_llama) -> None:
+    """Decode steps overlap, so a request that stops on a token has already been launched into
+    the next step: that step's token for it must be dropped, its blocks freed, and the other
+    requests' tokens stay exactly greedy (they read their previous tokens on the device)."""
+    prompts = random_prompts(7, 4, 5, 30)
+    full = [greedy_reference(ref_llama, p, 16) for p in prompts]
+    stop = full[1][4]
+    cut = full[1].index(stop)
+    reqs = [SequenceRequest(f"s{i}", p, 16, ignore_eos=True,
+                            stop_token_ids=(stop,) if i == 1 else ())
+            for i, p in enumerate(prompts)]
+    engine = engine_for(llama_path, num_kv_blocks=10, prefill_token_budget=64)
+    outs = drain(engine, {0: reqs[:2], 3: reqs[2:]})
+    assert tokens(outs["s1"]) == full[1][: cut + 1]
+    assert outs["s1"][-1].finish_reason == "stop"
+    for i in (0, 2, 3):
+        assert tokens(outs[f"s{i}"]) == full[i]
+
+
 def test_abort_frees_blocks(llama_path: Path) -> None:
     engine = engine_for(llama_path)
     engine.add(SequenceRequest("x", list(range(50)), 100, ignore_eos=True))

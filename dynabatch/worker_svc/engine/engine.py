@@ -32,6 +32,11 @@ class StepRecord:
 class PagedEngine:
     """Continuous batching with chunked prefill over a paged KV cache.
 
+    Decode steps overlap: a step is scheduled, staged and launched while the previous one still
+    runs on the GPU, and the previous step's tokens are read and handled while this one runs,
+    so the host's work per step hides behind the device's. A sequence that stops on a token
+    (EOS, a stop id) has therefore run one extra step, whose token is discarded.
+
     Emitted token ids include the stop token that ended a request (EOS or a stop id).
     """
 
@@ -52,6 +57,11 @@ class PagedEngine:
         self._pending: list[TokenOutput] = []
         self._decode_times: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
         self._prefill_times: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
+        self._inflight: _Launched | None = None
+        pin = device.type == "cuda"
+        self._out = [torch.zeros(max_running, dtype=torch.int64, pin_memory=pin)
+                     for _ in range(2)]      # used in turn: one is read while one is filled
+        self._out_turn = 0
         self.steps = 0
         self.startup_s = 0.0  # set by build_engine
         self.last_step: StepRecord | None = None
@@ -77,26 +87,28 @@ class PagedEngine:
         if seq is None:
             return False
         self.scheduler.drop(seq)
+        seq.done = True
+        if self._inflight is not None and all(s.done for s, _, _ in self._inflight.entries):
+            self._inflight = None             # nothing left in flight to read
         return True
 
     def has_work(self) -> bool:
-        return bool(self._pending) or self.scheduler.has_work()
+        return bool(self._pending) or self._inflight is not None or self.scheduler.has_work()
 
     def step(self) -> list[TokenOutput]:
+        """Runs one step; returns the tokens that became known (a decode step's tokens come out
+        of the next step, which the GPU runs while the host reads them)."""
         outputs, self._pending = self._pending, []
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
-            return outputs
-        t0 = time.perf_counter()
+            return outputs + self._collect()
         if isinstance(batch[0], PrefillChunk):
-            chunks: list[PrefillChunk] = batch  # type: ignore[assignment]
-            logits = self.runner.prefill(chunks)
-            for c in chunks:
-                c.seq.num_computed = c.end
-            done = [c.seq for c in chunks if c.wants_logits]
-            outputs += self._sample(logits, done)
-            dt = time.perf_counter() - t0
+            outputs += self._collect()          # prefill reads the tokens still in flight
+            chunks = [c for c in batch if not c.seq.done]    # ...one of which may have stopped
+            outputs += self._prefill(chunks)
             n = sum(c.end - c.start for c in chunks)
+            dt = time.perf_counter() - t0
             self._prefill_times.append((dt, n))
             self.last_step = StepRecord("prefill", n, sum(c.end for c in chunks), dt)
         else:
@@ -104,7 +116,9 @@ class PagedEngine:
             logits = self.runner.decode(seqs)
             for s in seqs:
                 s.num_computed += 1
-            outputs += self._sample(logits, seqs)
+            launched = self._launch(logits, seqs, decode=True)
+            outputs += self._collect()          # the previous step's, while this one runs
+            self._inflight = launched
             dt = time.perf_counter() - t0
             self._decode_times.append((dt, len(seqs)))
             self.last_step = StepRecord("decode", len(seqs), sum(s.num_computed for s in seqs), dt)
@@ -127,24 +141,75 @@ class PagedEngine:
             steps=self.steps, preemptions=self.scheduler.preemptions)
 
     # -- internals -------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenOutput]:
-        if not seqs:
+    def _prefill(self, chunks: list[PrefillChunk]) -> list[TokenOutput]:
+        if not chunks:
             return []
+        logits = self.runner.prefill(chunks)
+        for c in chunks:
+            c.seq.num_computed = c.end
+        done = [c.seq for c in chunks if c.wants_logits]
+        if not done:
+            return []
+        self._inflight = self._launch(logits, done, decode=False)
+        return self._collect()
+
+    def _launch(self, logits: torch.Tensor, seqs: list[Sequence], decode: bool) -> _Launched:
+        """Sample on the device and start the tokens' copy to the host, without waiting.
+
+        Each sequence gets a placeholder token (decode_inputs.py reads it on the device); one
+        whose output reaches its length limit with this token leaves the scheduler now, so no
+        step runs it again (a stop token is only known when the token is)."""
         random_rows = {i: RowSampling(s.req.sampling, s.num_output)
                        for i, s in enumerate(seqs) if s.req.sampling.temperature > 0}
-        tokens = self.sampler(logits, random_rows).tolist()   # the step's one host sync
+        sampled = self.sampler(logits, random_rows)
+        if decode:
+            self.runner.inputs.keep_sampled(sampled)
+        self._out_turn ^= 1
+        host = self._out[self._out_turn][: len(seqs)]
+        host.copy_(sampled, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        entries = []
+        for i, s in enumerate(seqs):
+            index = len(s.tokens)
+            s.tokens.append(-1 - i)
+            ends = (index + 1 - s.num_prompt >= s.req.max_tokens
+                    or index + 1 >= self.max_model_len)
+            if ends:
+                self.scheduler.drop(s)
+            entries.append((s, index, ends))
+        return _Launched(entries, host, event)
+
+    def _collect(self) -> list[TokenOutput]:
+        """Wait for the launched step's tokens; put them in place and finish what stopped."""
+        launched, self._inflight = self._inflight, None
+        if launched is None:
+            return []
         outputs = []
-        max_len = self.max_model_len
-        for seq, tok in zip(seqs, tokens):
-            toks = seq.tokens
-            offset = len(toks) - seq.num_prompt
-            toks.append(tok)
-            reason = None
-            if tok in seq.stop_ids:
-                reason = "stop"
-            elif offset + 1 >= seq.req.max_tokens or len(toks) >= max_len:
-                reason = "length"
+        for (seq, index, ends), tok in zip(launched.entries, launched.tokens_on_host()):
+            if seq.done:                      # aborted, or stopped a step before this one
+                continue
+            seq.tokens[index] = tok
+            reason = "stop" if tok in seq.stop_ids else "length" if ends else None
             if reason is not None:
-                self.scheduler.drop(seq)
-            outputs.append(TokenOutput(seq.req.request_id, [tok], offset, reason))
+                seq.done = True
+                if not ends:
+                    self.scheduler.drop(seq)
+            outputs.append(TokenOutput(seq.req.request_id, [tok], index - seq.num_prompt,
+                                       reason))
         return outputs
+
+
+@dataclass
+class _Launched:
+    """A step's sampled tokens on their way to the host (a pinned buffer; event when done)."""
+    entries: list[tuple[Sequence, int, bool]]   # (sequence, its placeholder's index, ends)
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+
+    def tokens_on_host(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()          # the step's one host sync
+        return self.host.tolist()

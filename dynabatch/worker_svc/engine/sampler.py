@@ -35,7 +35,7 @@ class Sampler:
         if not random_rows:
             return greedy
         order = sorted(random_rows)
-        idx = torch.tensor(order, device=logits.device)
+        idx = _to_device(order, torch.int64, logits.device)
         probs = _filtered_probs(logits.index_select(0, idx).float(),
                                 [random_rows[i].sampling for i in order])
         noise = torch.empty_like(probs)
@@ -83,13 +83,13 @@ def _argmax_chunk(vocab: int) -> int:
 def _filtered_probs(logits: torch.Tensor, rows: list[Sampling]) -> torch.Tensor:
     """Softmax of logits / temperature with each row's top-k and top-p cut applied."""
     dev = logits.device
-    temp = torch.tensor([r.temperature for r in rows], device=dev, dtype=logits.dtype)
+    temp = _to_device([r.temperature for r in rows], logits.dtype, dev)
     logits = logits / temp[:, None]
     if all(r.top_k <= 0 for r in rows) and all(r.top_p >= 1.0 for r in rows):
         return torch.softmax(logits, dim=-1)
     vocab = logits.shape[-1]
-    top_k = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in rows], device=dev)
-    top_p = torch.tensor([r.top_p for r in rows], device=dev, dtype=logits.dtype)
+    top_k = _to_device([r.top_k if 0 < r.top_k < vocab else vocab for r in rows], torch.int64, dev)
+    top_p = _to_device([r.top_p for r in rows], logits.dtype, dev)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=dev)[None, :]
     cut = rank >= top_k[:, None]
@@ -100,6 +100,12 @@ def _filtered_probs(logits: torch.Tensor, rows: list[Sampling]) -> torch.Tensor:
     sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return torch.softmax(filtered, dim=-1)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the stream (torch.tensor(...,
+    device=cuda) synchronises it, which would stall the engine's overlapped steps)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _mix(seed: int, index: int) -> int:

@@ -11,11 +11,12 @@ class Sequence:
     `tokens` is prompt + resumed output + new output. The sequence needs prefill while more than
     one token lacks K/V; with exactly one missing (the last sampled token) it decodes. Preemption
     by recompute just drops the blocks and sets `num_computed` back to 0: the whole token list is
-    prefilled again on readmission, and sampling continues where it stopped.
+    prefilled again on readmission, and sampling continues where it stopped. While a decode step
+    is in flight, its token is a negative placeholder at the end of `tokens` (engine.py).
     """
 
     __slots__ = ("req", "arrival", "tokens", "num_prompt", "num_computed", "table", "stop_ids",
-                 "row", "synced")
+                 "row", "synced", "done")
 
     def __init__(self, req: SequenceRequest, arrival: int, eos_ids: tuple[int, ...]) -> None:
         self.req = req
@@ -30,6 +31,7 @@ class Sequence:
         self.stop_ids = frozenset(stop)
         self.row = -1      # row in the device block table while running (decode_inputs.py)
         self.synced = 0    # how many of its blocks that row already holds
+        self.done = False  # finished or aborted: a step still in flight skips it
 
     @property
     def request_id(self) -> str:
