@@ -6,18 +6,54 @@ extra keywords down to the attention function. Each layer's function writes the 
 into the cache (slot by slot), then attends over each sequence's whole context:
 
 * decode on CUDA: the Triton kernel in triton_decode.py (native GQA, reads only live blocks);
-* otherwise (CPU, and prefill chunks): a pure-torch reference that gathers a sequence's blocks and
-  calls SDPA with `enable_gqa` (no repeat_interleave of K/V).
+* prefill on CUDA in 16-bit: one variable-length flash-attention call for the whole step
+  (`VarlenPlan`: the chunks' queries packed, each attending to its whole context, causal
+  aligned at the context's end), instead of one SDPA call per sequence;
+* otherwise (CPU, fp32): a pure-torch reference that gathers a sequence's blocks and calls SDPA
+  with `enable_gqa` (no repeat_interleave of K/V).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 ATTN_IMPLEMENTATION = "dynabatch_paged"
+
+
+@dataclass
+class VarlenPlan:
+    """A prefill step's layout for flash attention's variable-length form (same every layer)."""
+    cu_q: torch.Tensor                    # [B+1] int32, query offsets in the packed step
+    cu_k: torch.Tensor                    # [B+1] int32, context offsets in the packed contexts
+    max_q: int
+    max_k: int
+    # Each context token's (block, offset), packed; None when every chunk is a whole fresh
+    # prompt (the step's own K/V then are the contexts).
+    ctx_blocks: torch.Tensor | None
+    ctx_offsets: torch.Tensor | None
+
+
+def varlen_plan(starts: list[int], ends: list[int], tables: list[np.ndarray], block_size: int,
+                device: torch.device) -> VarlenPlan:
+    """The plan of chunks [start, end) of sequences with these block tables; each context's
+    slots are listed unless every chunk is a whole fresh prompt."""
+    def on_device(a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype, non_blocking=True)
+
+    q_lens = [e - s for s, e in zip(starts, ends)]
+    cu_q = np.concatenate(([0], np.cumsum(q_lens)))
+    if not any(starts):
+        return VarlenPlan(on_device(cu_q, torch.int32), on_device(cu_q, torch.int32),
+                          max(q_lens), max(ends), None, None)
+    cu_k = np.concatenate(([0], np.cumsum(ends)))
+    every = np.concatenate([np.arange(n) for n in ends])
+    blocks = np.concatenate([t[np.arange(n) // block_size] for t, n in zip(tables, ends)])
+    return VarlenPlan(on_device(cu_q, torch.int32), on_device(cu_k, torch.int32), max(q_lens),
+                      max(ends), on_device(blocks), on_device(every % block_size))
 
 
 @dataclass
@@ -38,6 +74,7 @@ class PagedMetadata:
     query_lens: list[int] = field(default_factory=list)
     context_lens_host: list[int] = field(default_factory=list)
     seq_blocks: list[torch.Tensor] = field(default_factory=list)
+    varlen: VarlenPlan | None = None
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -57,13 +94,32 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                                meta.write_blocks, meta.write_offsets,
                                                meta.block_tables, meta.context_lens, scale)
     else:
-        k_cache, v_cache = _write(meta.kv, module.layer_idx, k, v, meta.write_blocks,
+        k_cache, v_cache = write_kv(meta.kv, module.layer_idx, k, v, meta.write_blocks,
                                   meta.write_offsets)
-        out = reference_paged_attention(q, k_cache, v_cache, meta, scale, k, v)
+        out = prefill_attention(q, k_cache, v_cache, meta, scale, k, v)
     return out.unsqueeze(0), None
 
 
-def _write(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: PagedMetadata, scale: float, k_new: torch.Tensor,
+                      v_new: torch.Tensor) -> torch.Tensor:
+    """A prefill step's attention (its K/V already written): q [T, H, D] -> [T, H, D]."""
+    plan = meta.varlen
+    if plan is None:
+        return reference_paged_attention(q, k_cache, v_cache, meta, scale, k_new, v_new)
+    if plan.ctx_blocks is None:
+        k, v = k_new, v_new
+    else:
+        k = k_cache[plan.ctx_blocks, :, plan.ctx_offsets]       # [Tk, KVH, D]
+        v = v_cache[plan.ctx_blocks, :, plan.ctx_offsets]
+    # Flash attention takes fewer K/V heads than query heads as they are (native GQA), and
+    # aligns the causal mask at the end of each context when it is longer than the queries.
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, 0.0, True, False,
+        scale=scale)[0]
+
+
+def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
            offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Store new K/V ([T, KVH, D]) at their slots; returns the layer's (K, V) caches."""
     k_cache, v_cache = kv[layer, 0], kv[layer, 1]
@@ -88,7 +144,7 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Te
 
         return triton_decode(q, k, v, kv[layer, 0], kv[layer, 1], write_blocks, write_offsets,
                              block_tables, context_lens, scale)
-    k_cache, v_cache = _write(kv, layer, k, v, write_blocks, write_offsets)
+    k_cache, v_cache = write_kv(kv, layer, k, v, write_blocks, write_offsets)
     bs = k_cache.shape[2]
     ctx = context_lens.tolist()
     meta = PagedMetadata(kv=kv, write_blocks=write_blocks, write_offsets=write_offsets,

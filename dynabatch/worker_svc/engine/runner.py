@@ -6,11 +6,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
-from dynabatch.worker_svc.engine.attention import PagedMetadata
+from dynabatch.worker_svc.engine.attention import PagedMetadata, varlen_plan
 from dynabatch.worker_svc.engine.compiled import compiled_decode_forward
 from dynabatch.worker_svc.engine.decode_inputs import DecodeInputs
 from dynabatch.worker_svc.engine.graphs import DecodeGraphs
 from dynabatch.worker_svc.engine.kv_cache import KVCache
+from dynabatch.worker_svc.engine.prefill import LeanPrefill, supports_lean_prefill
 from dynabatch.worker_svc.engine.scheduler import PrefillChunk
 from dynabatch.worker_svc.engine.sequence import Sequence
 
@@ -31,6 +32,11 @@ class ModelRunner:
         self.compiled = compile_decode
         self._decode_forward = (compiled_decode_forward(model) if compile_decode
                                 else self._forward)
+        # Flash attention's variable-length form serves prefill on CUDA in 16-bit.
+        self._varlen = device.type == "cuda" and kv.data.dtype in (torch.float16, torch.bfloat16)
+        # Prefill: the same math without the HF modules' host overhead where the layout allows.
+        self._prefill_forward = (LeanPrefill(model) if supports_lean_prefill(model)
+                                 else self._forward)
         self.inputs = DecodeInputs(kv, device, max_running, max_running,
                                    -(-max_model_len // kv.block_size))
         self.graphs: DecodeGraphs | None = None
@@ -46,24 +52,27 @@ class ModelRunner:
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Runs the chunks; returns logits [n, V] for the chunks whose `wants_logits`."""
         bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        keep: list[int] = []
+        tables = [np.asarray(c.seq.table.blocks, dtype=np.int64) for c in chunks]
+        positions = [np.arange(c.start, c.end) for c in chunks]
+        pos = np.concatenate(positions)
+        q_lens = [c.end - c.start for c in chunks]
+        ends = np.cumsum(q_lens)
+        keep = [int(e) - 1 for c, e in zip(chunks, ends) if c.wants_logits]
         meta = self._meta(decode=False)
-        for c in chunks:
-            ids.extend(c.seq.tokens[c.start:c.end])
-            pos.extend(range(c.start, c.end))
-            slots.extend(c.seq.table.slot(p, bs) for p in range(c.start, c.end))
-            if c.wants_logits:
-                keep.append(len(ids) - 1)
-            meta.query_lens.append(c.end - c.start)
-            meta.context_lens_host.append(c.end)
-            meta.seq_blocks.append(self._blocks_tensor(c.seq, c.end))
-        self._set_slots(meta, slots)
+        meta.write_blocks = self._tensor(np.concatenate(
+            [t[p // bs] for t, p in zip(tables, positions)]))
+        meta.write_offsets = self._tensor(pos % bs)
+        meta.query_lens = q_lens
+        meta.context_lens_host = [c.end for c in chunks]
+        if self._varlen:
+            meta.varlen = varlen_plan([c.start for c in chunks], [c.end for c in chunks],
+                                      tables, bs, self.device)
+        else:
+            meta.seq_blocks = [self._tensor(t[: -(-c.end // bs)]) for t, c in zip(tables, chunks)]
+        ids = [t for c in chunks for t in c.seq.tokens[c.start:c.end]]
         with sdpa_kernel(_PREFILL_BACKENDS):
-            logits = self._forward(self._tensor(ids), self._tensor(pos), meta,
-                                   self._tensor(keep or [len(ids) - 1]))
+            logits = self._prefill_forward(self._tensor(ids), self._tensor(pos), meta,
+                                           self._tensor(keep or [int(ends[-1]) - 1]))
         return logits[: len(keep)]
 
     @torch.inference_mode()
@@ -86,15 +95,6 @@ class ModelRunner:
         empty = torch.empty(0, dtype=torch.int32, device=self.device)
         return PagedMetadata(kv=self.kv.data, write_blocks=empty, write_offsets=empty,
                              block_tables=empty, context_lens=empty, decode=decode)
-
-    def _set_slots(self, meta: PagedMetadata, slots: list[int]) -> None:
-        s = np.asarray(slots, dtype=np.int64)
-        meta.write_blocks = self._tensor(s // self.block_size)
-        meta.write_offsets = self._tensor(s % self.block_size)
-
-    def _blocks_tensor(self, seq: Sequence, ctx: int) -> torch.Tensor:
-        n = -(-ctx // self.block_size)
-        return self._tensor(seq.table.blocks[:n])
 
     def _tensor(self, values, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values), dtype=dtype).to(self.device, non_blocking=True)
