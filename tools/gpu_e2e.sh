@@ -66,6 +66,8 @@ for stage in "$@"; do
                --point dynamic@3,3.5,4 --point fcfs@3.5,4 ;;
     live8b-c) live live_8b_c 420 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 60 \
                --point fcfs@3.5,4 --point multibin@4 --point dynamic@3.5 ;;   # 60-s points
+    live8b-d) live live_8b_d 200 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 60 \
+               --point fcfs@4 ;;   # the point live8b-c had no budget left for
     live8b-b) live live_8b_b 480 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
                --point multibin@3,3.5,4 --point fcfs:max_num_seqs=16@3.5 \
                --point fcfs:max_num_seqs=8@2.5 --point static@0.5 --point naive@0.5 ;;

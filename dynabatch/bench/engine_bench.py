@@ -144,7 +144,7 @@ def replay_ms(graphs, batch: int) -> float:
 
     Replays the last staged inputs; their sequences have finished, so the K/V writes land in
     free blocks."""
-    graph, _ = graphs._graphs[next(b for b in graphs.buckets if b >= batch)]
+    graph = graphs._graphs[next(b for b in graphs.buckets if b >= batch)][0]
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -113,10 +113,10 @@ class PagedEngine:
             self.last_step = StepRecord("prefill", n, sum(c.end for c in chunks), dt)
         else:
             seqs: list[Sequence] = batch  # type: ignore[assignment]
-            logits = self.runner.decode(seqs)
+            logits, greedy = self.runner.decode(seqs)
             for s in seqs:
                 s.num_computed += 1
-            launched = self._launch(logits, seqs, decode=True)
+            launched = self._launch(logits, seqs, decode=True, greedy=greedy)
             outputs += self._collect()          # the previous step's, while this one runs
             self._inflight = launched
             dt = time.perf_counter() - t0
@@ -153,16 +153,18 @@ class PagedEngine:
         self._inflight = self._launch(logits, done, decode=False)
         return self._collect()
 
-    def _launch(self, logits: torch.Tensor, seqs: list[Sequence], decode: bool) -> _Launched:
+    def _launch(self, logits: torch.Tensor, seqs: list[Sequence], decode: bool,
+                greedy: torch.Tensor | None = None) -> _Launched:
         """Sample on the device and start the tokens' copy to the host, without waiting.
 
         Each sequence gets a placeholder token (decode_inputs.py reads it on the device); one
         whose output reaches its length limit with this token leaves the scheduler now, so no
-        step runs it again (a stop token is only known when the token is)."""
+        step runs it again (a stop token is only known when the token is). `greedy`: the tokens
+        a decode graph already drew and kept (sampling then only redraws the random rows)."""
         random_rows = {i: RowSampling(s.req.sampling, s.num_output)
                        for i, s in enumerate(seqs) if s.req.sampling.temperature > 0}
-        sampled = self.sampler(logits, random_rows)
-        if decode:
+        sampled = self.sampler(logits, random_rows, greedy)
+        if decode and (greedy is None or random_rows):
             self.runner.inputs.keep_sampled(sampled)
         self._out_turn ^= 1
         host = self._out[self._out_turn][: len(seqs)]

@@ -3,7 +3,8 @@
 Each graph covers the whole step on the device: deriving slots and table rows from the staged
 inputs (decode_inputs.py), the model forward with the paged attention, and the logits. A step
 stages its inputs (one small host-to-device copy), replays the bucket's graph and leaves the
-logits in the graph's static output; the caller's read of the sampled tokens is the only sync.
+logits and their greedy tokens in the graph's static outputs (the tokens also where the next
+step's inputs find them, decode_inputs.py); the caller's read of the tokens is the only sync.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from dynabatch.worker_svc.engine.attention import PagedMetadata
 from dynabatch.worker_svc.engine.decode_inputs import DecodeInputs
+from dynabatch.worker_svc.engine.sampler import argmax_rows
 from dynabatch.worker_svc.engine.sequence import Sequence
 
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -28,11 +30,14 @@ class DecodeGraphs:
         self.inputs = inputs
         self.max_batch = max_batch
         self.buckets = sorted({b for b in _BUCKETS if min_batch <= b < max_batch} | {max_batch})
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
-    def _step(self, b: int) -> torch.Tensor:
+    def _step(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, pos, meta = self.inputs.device_meta(b)
-        return self.forward(ids, pos, meta, None)
+        logits = self.forward(ids, pos, meta, None)
+        greedy = argmax_rows(logits)
+        self.inputs.keep_sampled(greedy)
+        return logits, greedy
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -46,16 +51,16 @@ class DecodeGraphs:
             main.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._step(b)
+                logits, greedy = self._step(b)
             pool = graph.pool()
-            self._graphs[b] = (graph, logits)
+            self._graphs[b] = (graph, logits, greedy)
         torch.cuda.synchronize()
 
-    def run(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Decode one token for each sequence; returns logits [len(seqs), V]."""
+    def run(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one token for each sequence; returns logits [n, V] and greedy tokens [n]."""
         n = len(seqs)
         b = next(x for x in self.buckets if x >= n)
         self.inputs.stage(seqs, b)
-        graph, logits = self._graphs[b]
+        graph, logits, greedy = self._graphs[b]
         graph.replay()
-        return logits[:n]
+        return logits[:n], greedy[:n]

@@ -76,13 +76,14 @@ class ModelRunner:
         return logits[: len(keep)]
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each sequence (its last); returns logits [B, V]."""
+    def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token for each sequence (its last); returns logits [B, V] and, from a CUDA
+        graph, their greedy tokens [B] (already kept for the next step), else None."""
         if self.graphs is not None:
             return self.graphs.run(seqs)
         self.inputs.stage(seqs, len(seqs))
         ids, pos, meta = self.inputs.device_meta(len(seqs))
-        return self._decode_forward(ids, pos, meta, None)
+        return self._decode_forward(ids, pos, meta, None), None
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, meta: PagedMetadata,
                  keep: torch.Tensor | None) -> torch.Tensor:

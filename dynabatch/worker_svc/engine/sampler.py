@@ -29,9 +29,12 @@ class Sampler:
         self._gen.manual_seed(seed)
         self._row_gen = torch.Generator(device=device)
 
-    def __call__(self, logits: torch.Tensor, random_rows: dict[int, RowSampling]) -> torch.Tensor:
-        """logits [B, V] -> token ids [B] (on device); rows not in random_rows are greedy."""
-        greedy = argmax_rows(logits)
+    def __call__(self, logits: torch.Tensor, random_rows: dict[int, RowSampling],
+                 greedy: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] (on device); rows not in random_rows are greedy
+        (`greedy`, when the caller already has them)."""
+        if greedy is None:
+            greedy = argmax_rows(logits)
         if not random_rows:
             return greedy
         order = sorted(random_rows)
