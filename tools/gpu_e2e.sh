@@ -9,9 +9,9 @@
 #                 model is fitted to it)                             -> engine_h200_8b.json
 #   live1b-a/-b   capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
 #   live8b-a/-b   capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b_*.json
-# The grids continue bench/results/e2e_h200 (sessions 2 and 3; REPORT.md). Still to run:
-# live1b-a (fcfs and multibin at 60-70 req/s, next to dynamic's 100% at 60), live1b-b, and
-# live8b-c (60-s points: the 30-s ones were decided by 1-8 requests of one end-of-segment burst).
+# The grids continue bench/results/e2e_h200 (sessions 2-4; REPORT.md). Still to run: naive@10
+# (live1b-b), the 8B grid with the policy option reserve_output=true (the engine preempts in the
+# 60-s segments' burst), max_num_seqs 16 at 4 req/s.
 # Inputs that are not in git (all git-ignored), made here in the repo root before the run:
 #   .whl:   wheels the machine lacks (grpcio/protobuf at the versions of our generated code,
 #           redis, opentelemetry):
