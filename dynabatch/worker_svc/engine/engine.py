@@ -22,7 +22,8 @@ _WINDOW = 64  # steps the rolling stats average over
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What the last step ran and how long it took (wall clock, host sync included)."""
+    """What the last step ran and the wall time of its step() call (steps overlap, so back to
+    back this is the step period)."""
     kind: Literal["prefill", "decode"]
     tokens: int            # tokens computed (the batch size in a decode step)
     context_tokens: int    # sum over the batch of tokens in cache after the step
