@@ -95,7 +95,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                                meta.block_tables, meta.context_lens, scale)
     else:
         k_cache, v_cache = write_kv(meta.kv, module.layer_idx, k, v, meta.write_blocks,
-                                  meta.write_offsets)
+                                    meta.write_offsets)
         out = prefill_attention(q, k_cache, v_cache, meta, scale, k, v)
     return out.unsqueeze(0), None
 
@@ -119,8 +119,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         scale=scale)[0]
 
 
-def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
-           offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+             blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Store new K/V ([T, KVH, D]) at their slots; returns the layer's (K, V) caches."""
     k_cache, v_cache = kv[layer, 0], kv[layer, 1]
     # Advanced indices on dims 0 and 2 put the token dim first: [T, KVH, D].
