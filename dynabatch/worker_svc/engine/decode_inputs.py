@@ -22,16 +22,17 @@ from dynabatch.worker_svc.engine.kv_cache import NULL_BLOCK, KVCache
 from dynabatch.worker_svc.engine.sequence import Sequence
 
 
-class _HostBuffers:
-    """Two pinned (3, n) int64 staging buffers used in turn; grown (both) when n is short."""
+class HostBuffers:
+    """Two pinned (rows, n) int64 host buffers used in turn (one is filled or read while the
+    other's copy may still be pending); both grown when n is short."""
 
-    def __init__(self, width: int, pin: bool) -> None:
-        self.pin = pin
+    def __init__(self, rows: int, width: int, pin: bool) -> None:
+        self.rows, self.pin = rows, pin
         self.bufs = [self._new(width), self._new(width)]
         self.turn = 0
 
     def _new(self, width: int) -> torch.Tensor:
-        return torch.zeros((3, width), dtype=torch.int64, pin_memory=self.pin)
+        return torch.zeros((self.rows, width), dtype=torch.int64, pin_memory=self.pin)
 
     def next(self, width: int) -> torch.Tensor:
         """The buffer for this step, at least `width` wide."""
@@ -55,8 +56,8 @@ class DecodeInputs:
         self.table = torch.full((max_rows + 1, table_width), NULL_BLOCK, dtype=torch.int32,
                                 device=device)
         pin = device.type == "cuda"
-        self._rows = _HostBuffers(max_batch, pin)
-        self._updates = _HostBuffers(256, pin)
+        self._rows = HostBuffers(3, max_batch, pin)
+        self._updates = HostBuffers(3, 256, pin)
         self.buf = torch.zeros((3, max_batch), dtype=torch.int64, device=device)
         self.buf[self.ROW] = self.null_row
         self.last = torch.zeros(max_batch, dtype=torch.int64, device=device)

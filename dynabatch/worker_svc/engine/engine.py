@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dynabatch.worker_svc.engine.api import EngineStats, SequenceRequest, TokenOutput
+from dynabatch.worker_svc.engine.decode_inputs import HostBuffers
 from dynabatch.worker_svc.engine.kv_cache import KVCache
 from dynabatch.worker_svc.engine.runner import ModelRunner
 from dynabatch.worker_svc.engine.sampler import RowSampling, Sampler
@@ -59,10 +60,7 @@ class PagedEngine:
         self._decode_times: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
         self._prefill_times: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
         self._inflight: _Launched | None = None
-        pin = device.type == "cuda"
-        self._out = [torch.zeros(max_running, dtype=torch.int64, pin_memory=pin)
-                     for _ in range(2)]      # used in turn: one is read while one is filled
-        self._out_turn = 0
+        self._out = HostBuffers(1, max_running, pin=device.type == "cuda")   # sampled tokens
         self.steps = 0
         self.startup_s = 0.0  # set by build_engine
         self.last_step: StepRecord | None = None
@@ -167,8 +165,7 @@ class PagedEngine:
         sampled = self.sampler(logits, random_rows, greedy)
         if decode and (greedy is None or random_rows):
             self.runner.inputs.keep_sampled(sampled)
-        self._out_turn ^= 1
-        host = self._out[self._out_turn][: len(seqs)]
+        host = self._out.next(len(seqs))[0, : len(seqs)]
         host.copy_(sampled, non_blocking=True)
         event = None
         if self.device.type == "cuda":
