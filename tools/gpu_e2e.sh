@@ -10,8 +10,8 @@
 #   live1b-a/-b   capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
 #   live8b-a/-b   capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b_*.json
 # The grids continue bench/results/e2e_h200 (sessions 2-4; REPORT.md). Still to run: naive@10
-# (live1b-b), the 8B grid with the policy option reserve_output=true (the engine preempts in the
-# 60-s segments' burst), max_num_seqs 16 at 4 req/s.
+# (live1b-b). live8b-e: the 8B grid with the policy option reserve_output=true (the engine
+# preempts in the 60-s segments' burst) and max_num_seqs 16 at 4 req/s.
 # Inputs that are not in git (all git-ignored), made here in the repo root before the run:
 #   .whl:   wheels the machine lacks (grpcio/protobuf at the versions of our generated code,
 #           redis, opentelemetry):
@@ -68,6 +68,9 @@ for stage in "$@"; do
                --point fcfs@3.5,4 --point multibin@4 --point dynamic@3.5 ;;   # 60-s points
     live8b-d) live live_8b_d 200 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 60 \
                --point fcfs@4 ;;   # the point live8b-c had no budget left for
+    live8b-e) live live_8b_e 440 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 60 \
+               --point dynamic:reserve_output=true@3.5,4 --point multibin:reserve_output=true@4 \
+               --point fcfs:max_num_seqs=16@4 ;;   # session 5: Alg. 1 keeping blocks for outputs
     live8b-b) live live_8b_b 480 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
                --point multibin@3,3.5,4 --point fcfs:max_num_seqs=16@3.5 \
                --point fcfs:max_num_seqs=8@2.5 --point static@0.5 --point naive@0.5 ;;

@@ -22,6 +22,7 @@ ctx - 1 stores the new K/V and attends it from registers; no other split reads t
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -126,16 +127,32 @@ def num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int) -> in
     return max(1, min(-(-target // programs), _MAX_SPLITS, -(-max_context // _SPLIT_BLOCK_N)))
 
 
+@dataclass(frozen=True)
+class Launch:
+    """The decode kernel's tile length and Triton launch settings (tools/tune_decode.py sweeps
+    them on a GPU)."""
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_launch(splits: int, dim: int, block_size: int) -> Launch:
+    if splits > 1:
+        return Launch(_SPLIT_BLOCK_N)
+    return Launch(max(128 if dim <= 64 else 64, block_size))
+
+
 def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, write_blocks: torch.Tensor,
                  write_offsets: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, splits: int | None = None
-                 ) -> torch.Tensor:
+                 context_lens: torch.Tensor, scale: float, splits: int | None = None,
+                 launch: Launch | None = None) -> torch.Tensor:
     """q [B, H, D], k_new/v_new [B, KVH, D]; caches [N, KVH, BS, D] (D contiguous).
 
     Stores k_new/v_new at (write_blocks, write_offsets), position context_lens - 1 of each
     sequence, and returns attention over positions 0..context_lens - 1: [B, H, D]. `splits`
-    (default: num_splits of the batch and the table width) > 1 runs the split-K path.
+    (default: num_splits of the batch and the table width) > 1 runs the split-K path; `launch`
+    (default: default_launch) sets the tile and launch settings.
     """
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -149,12 +166,11 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     if splits is None:
         splits = num_splits(batch, kv_heads, block_tables.shape[1] * block_size,
                             _sm_count(q.device))
+    launch = launch or default_launch(splits, dim, block_size)
     out = torch.empty_like(q)
     if splits == 1:
-        block_n = max(128 if dim <= 64 else 64, block_size)
         acc = m = l = out            # m/l unused
     else:
-        block_n = _SPLIT_BLOCK_N
         acc = torch.empty(batch, heads, splits, dim, device=q.device, dtype=torch.float32)
         m = torch.empty(batch, heads, splits, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
@@ -165,7 +181,8 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         v_new.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BS=block_size,
-        BLOCK_N=block_n, SPLITS=splits, num_warps=4, num_stages=2)
+        BLOCK_N=launch.block_n, SPLITS=splits, num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
     if splits > 1:
         _merge_splits_kernel[(batch, heads)](
             acc, m, l, out, heads, out.stride(0), out.stride(1),
