@@ -56,3 +56,32 @@ def test_sampler_greedy_and_sampled_rows() -> None:
     assert torch.equal(sampler(logits, {}), logits.argmax(dim=-1))
     rows = {1: RowSampling(Sampling(temperature=0.7, top_k=1, seed=3), 0)}
     assert torch.equal(sampler(logits, rows), logits.argmax(dim=-1))
+
+
+@pytest.fixture(scope="module")
+def triton_argmax():
+    """triton_argmax.argmax_rows: on CUDA, or in Triton's interpreter on CPU tensors."""
+    pytest.importorskip("triton")
+    import triton.language.standard as std
+
+    if not torch.cuda.is_available() and type(std.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1")
+    from dynabatch.worker_svc.engine.triton_argmax import argmax_rows as fast
+    return fast
+
+
+@pytest.mark.parametrize("vocab", [128256, 151936, 12000])
+def test_triton_argmax_matches_torch(triton_argmax, vocab: int) -> None:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(vocab)
+    x = (torch.randn(6, vocab, generator=gen) * 4).bfloat16()
+    x[1] = torch.randint(0, 3, (vocab,), generator=gen).bfloat16()    # ties within and across
+    x[2] = float("-inf")                                                # all -inf: index 0
+    x[3] = -1.0
+    x[3, vocab - 1] = 0.0                                               # the last index wins
+    x[4] = 0.0
+    x[4, [vocab - 1, 4096 * 2 + 7, 4096 + 3]] = 2.0                     # first chunk with the max
+    got = triton_argmax(x.to(dev)).cpu()
+    assert got.dtype == torch.int64
+    assert torch.equal(got, x.argmax(dim=-1))
+    assert got[2] == 0 and got[3] == vocab - 1 and got[4] == 4096 + 3

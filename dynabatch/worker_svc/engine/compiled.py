@@ -5,6 +5,11 @@ norm, lm_head) share one compiled layer function, so compile time is one layer's
 model's. Inductor fuses each layer's norms, rotary embedding, activation and residual adds
 around the opaque paged-decode op. Layer indices stay symbolic (allow_unspec_int_on_nn_module),
 so the 16 or 32 layers do not each trigger a recompile. Prefill stays eager.
+
+Outside the layers, the final norm is compiled too (one kernel instead of seven), and the
+rotary cos/sin come from a table the model's own rotary module filled once at start-up (one
+gather instead of eight kernels recomputing them each step: the values are the same, each being
+one fp32 product inv_freq x position before cos/sin).
 """
 from __future__ import annotations
 
@@ -34,22 +39,42 @@ def supports_compiled_decode(model: PreTrainedModel) -> bool:
     return all(hasattr(model.base_model, name) for name in _PARTS)
 
 
-def compiled_decode_forward(model: PreTrainedModel) -> Forward:
+def _run_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+@torch.inference_mode()
+def rope_table(model: PreTrainedModel, positions: int) -> torch.Tensor:
+    """[positions, 2, head_dim]: cos and sin of every position, from the model's rotary module
+    (in the embedding's dtype and device, as the module returns them for hidden states)."""
+    base = model.base_model
+    weight = base.embed_tokens.weight
+    pos = torch.arange(positions, device=weight.device)[None]
+    cos, sin = base.rotary_emb(weight[:1, None], position_ids=pos)
+    return torch.stack([cos[0], sin[0]], dim=1)
+
+
+def compiled_decode_forward(model: PreTrainedModel, max_positions: int) -> Forward:
     base = model.base_model
     if not supports_compiled_decode(model):
         raise ValueError(f"compile_decode needs a Llama-family model ({type(base).__name__} "
                          f"lacks one of {_PARTS})")
     head = model.get_output_embeddings()
     layer_fn = torch.compile(_run_layer, dynamic=True)
+    norm_fn = torch.compile(_run_module, dynamic=True)
+    # Dynamic NTK scaling moves inv_freq with the longest position seen: recompute it per step.
+    dynamic_rope = "dynamic" in str(getattr(base.rotary_emb, "rope_type", ""))
+    table = None if dynamic_rope else rope_table(model, max_positions)
 
     def forward(ids: torch.Tensor, pos: torch.Tensor, meta: PagedMetadata,
                 keep: None) -> torch.Tensor:
         hidden = base.embed_tokens(ids[None])
         position_ids = pos[None]
-        rope = base.rotary_emb(hidden, position_ids=position_ids)
+        rope = (base.rotary_emb(hidden, position_ids=position_ids) if table is None
+                else table[pos][None].unbind(2))     # ([1, n, D], [1, n, D])
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
             for layer in base.layers:
                 hidden = layer_fn(layer, hidden, rope, position_ids, meta)
-        return head(base.norm(hidden))[0]
+        return head(norm_fn(base.norm, hidden))[0]
 
     return forward

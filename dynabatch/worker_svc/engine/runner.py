@@ -30,7 +30,7 @@ class ModelRunner:
         self.block_size = kv.block_size
         # Compiled decode: one dynamic-shape graph per layer serves every batch size >= 2.
         self.compiled = compile_decode
-        self._decode_forward = (compiled_decode_forward(model) if compile_decode
+        self._decode_forward = (compiled_decode_forward(model, max_model_len) if compile_decode
                                 else self._forward)
         # Flash attention's variable-length form serves prefill on CUDA in 16-bit.
         self._varlen = device.type == "cuda" and kv.data.dtype in (torch.float16, torch.bfloat16)
