@@ -2,6 +2,7 @@
 import pytest
 
 from dynabatch.scheduler_svc.policy import PolicyConfig, make_policy
+from dynabatch.scheduler_svc.policy.admission import QueueStats
 
 from .helpers import req, running, worker
 
@@ -88,6 +89,15 @@ def test_queue_statistics_follow_the_snapshot():
     assert p.admit(req("a"), grown, [MEASURED], 0.0).accepted
     grown.append(req("q9"))                                          # same list, new length
     assert not p.admit(req("a"), grown, [MEASURED], 0.0).accepted
+    grown.pop()                                                      # same list, shorter
+    assert p.admit(req("a"), grown, [MEASURED], 0.0).accepted
+
+
+def test_queue_statistics_extended_by_appends_equal_a_full_count():
+    queue = [req("q0", prompt=10, prio=1), req("q1", max_tokens=7, prio=3)]
+    stats = QueueStats.of(queue)
+    queue += [req("q2", prio=0), req("q3", prompt=5, prio=3)]
+    assert stats.extended(queue) == QueueStats.of(queue)
 
 
 def one_blip(smoothing_s: float):

@@ -90,6 +90,13 @@ class QueueStats:
             by_class[min(max(r.priority or 2, 1), 3)] += 1
         return QueueStats(len(waiting), tokens, tuple(by_class))  # type: ignore[arg-type]
 
+    def extended(self, waiting: Sequence[Waiting]) -> QueueStats:
+        """The statistics of `waiting`, a queue these are the statistics of the start of (the
+        same snapshot, appended to since): O(appended), not O(queue)."""
+        more = QueueStats.of(waiting[self.length:])
+        return QueueStats(len(waiting), self.tokens + more.tokens,
+                          tuple(a + b for a, b in zip(self.by_class, more.by_class)))  # type: ignore[arg-type]
+
     def at_or_above(self, cls: int) -> int:
         return sum(self.by_class[min(max(cls or 2, 1), 3):])
 

@@ -98,14 +98,19 @@ class BatchingPolicy:
     # ---- admission ------------------------------------------------------------------------
     def admit(self, req: Waiting, waiting: Sequence[Waiting], workers: Sequence[WorkerView],
               now: float) -> Admission:
-        """Admission control (admission.py). The queue's statistics are reused while `waiting`
-        is the same list object of the same length (the scheduler passes one snapshot per
-        tick), so a burst of arrivals costs O(1) each, not O(queue)."""
+        """Admission control (admission.py). The queue's statistics are kept while `waiting`
+        is the same list object, and extended by what was appended to it since (the scheduler
+        passes one snapshot per tick and appends each request it admits), so a burst of
+        arrivals costs O(1) each, not O(queue). A list that shrank is counted again."""
         self._sync_cache()
-        if self._queue_stats[0] is not waiting or self._queue_stats[1].length != len(waiting):
-            self._queue_stats = (waiting, admission.QueueStats.of(waiting))
+        seen, stats = self._queue_stats
+        if seen is not waiting or stats.length > len(waiting):
+            stats = admission.QueueStats.of(waiting)
+        elif stats.length < len(waiting):
+            stats = stats.extended(waiting)
+        self._queue_stats = (waiting, stats)
         predicted = self.predict(req)[0]
-        return admission.admit(req, predicted, self._queue_stats[1], workers, self.targets,
+        return admission.admit(req, predicted, stats, workers, self.targets,
                                self.rates, self.mean_output or predicted, now, self.config)
 
     # ---- decision -------------------------------------------------------------------------
