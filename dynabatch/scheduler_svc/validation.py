@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,10 +38,34 @@ class Limits:
     stream_flush_s: float = 0.02
 
 
+class RandomIds:
+    """Ids for requests that come without one: 128 random bits from the OS (os.urandom) as 32
+    hex digits, drawn `batch` ids at a time. os.urandom releases the GIL, and with another
+    thread runnable (the gRPC poller, an in-process engine) every release can cost the event
+    loop a wait for the GIL: one per request with uuid4. A forked child draws afresh."""
+
+    def __init__(self, batch: int = 256) -> None:
+        self.batch = batch
+        self._hex, self._next = "", 0
+        os.register_at_fork(after_in_child=self._drop)
+
+    def _drop(self) -> None:
+        self._hex, self._next = "", 0
+
+    def __call__(self) -> str:
+        if self._next >= len(self._hex):
+            self._hex, self._next = os.urandom(16 * self.batch).hex(), 0
+        start, self._next = self._next, self._next + 32
+        return self._hex[start:self._next]
+
+
+new_request_id = RandomIds()
+
+
 def validate(req: GenerateRequest, models: dict[str, ModelInfo], default_model: str,
              limits: Limits, scheduler_id: str, arrival_unix_ns: int) -> WorkItem:
     """Check every field and tokenize the prompt. Raises InvalidRequest."""
-    rid = req.request_id or uuid.uuid4().hex
+    rid = req.request_id or new_request_id()
     if not _ID.match(rid):
         raise InvalidRequest("request_id: use 1-128 of [A-Za-z0-9._-]")
     name = req.model or default_model
