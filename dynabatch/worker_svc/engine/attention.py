@@ -14,6 +14,8 @@ into the cache (slot by slot), then attends over each sequence's whole context:
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,8 +83,13 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                             value: torch.Tensor, attention_mask: torch.Tensor | None,
                             scaling: float | None = None, dropout: float = 0.0,
                             paged_metadata: PagedMetadata | None = None,
+                            paged_layer: torch.Tensor | None = None,
                             **_: object) -> tuple[torch.Tensor, None]:
-    """query [1, H, T, D], key/value [1, KVH, T, D] -> ([1, T, H, D], None)."""
+    """query [1, H, T, D], key/value [1, KVH, T, D] -> ([1, T, H, D], None).
+
+    `paged_layer` (compiled decode, compiled.py): the layer's index as a CPU scalar tensor, so
+    that one compiled graph serves every layer without making the modules' other ints symbolic.
+    """
     meta = paged_metadata
     if meta is None:
         raise RuntimeError("dynabatch_paged attention needs paged_metadata (run it through "
@@ -90,7 +97,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     if meta.decode:
-        out = torch.ops.dynabatch.paged_decode(q, k, v, meta.kv, module.layer_idx,
+        layer = layer_index(module.layer_idx) if paged_layer is None else paged_layer
+        out = torch.ops.dynabatch.paged_decode(q, k, v, meta.kv, layer,
                                                meta.write_blocks, meta.write_offsets,
                                                meta.block_tables, meta.context_lens, scale)
     else:
@@ -129,16 +137,25 @@ def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
     return k_cache, v_cache
 
 
+@functools.lru_cache(maxsize=None)
+def layer_index(layer: int) -> torch.Tensor:
+    """A layer's index as the CPU scalar tensor paged_decode takes (made once per index)."""
+    return torch.tensor(layer)
+
+
 @torch.library.custom_op("dynabatch::paged_decode", mutates_args=("kv",))
-def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int,
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+                 layer_t: torch.Tensor,
                  write_blocks: torch.Tensor, write_offsets: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor,
                  scale: float) -> torch.Tensor:
     """One decode token per sequence: write its K/V, attend over its context. q [B, H, D].
 
     A custom op so torch.compile treats it as one opaque node: on CUDA the Triton kernel, which
-    also does the cache write.
+    also does the cache write. `layer_t`: the layer's index, a CPU scalar tensor (read without
+    a device sync; a tensor, so compiled graphs are not specialised on it).
     """
+    layer = int(layer_t)
     if q.is_cuda:
         from dynabatch.worker_svc.engine.triton_decode import paged_decode as triton_decode
 
@@ -155,7 +172,7 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Te
 
 
 @paged_decode.register_fake
-def _(q, k, v, kv, layer, write_blocks, write_offsets, block_tables, context_lens, scale):
+def _(q, k, v, kv, layer_t, write_blocks, write_offsets, block_tables, context_lens, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
