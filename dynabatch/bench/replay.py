@@ -79,16 +79,21 @@ async def _poll(client, t0: float, period_s: float, out: list[TimelineSample],
 
 async def replay(trace: Trace, target: str, ttft_target_s: float = 2.0,
                  tpot_target_s: float = 0.05, vocab: int = 256, seed: int = 0,
-                 stats_period_s: float = 0.25) -> RunResult:
+                 stats_period_s: float = 0.25, start: float | None = None,
+                 first_index: int = 0, step: int = 1) -> RunResult:
+    """`start`: the time.monotonic() at which the trace's time 0 falls (default: now), so that
+    client processes replaying parts of one trace share a clock (replay_parallel); request i
+    of `trace` is labelled r{first_index + i * step}."""
     from dynabatch.client import AsyncDynabatchClient
-    recs = [RequestRecord(f"r{i}", r.arrival_s, r.prompt_tokens, r.output_tokens, ttft_target_s,
-                          tpot_target_s) for i, r in enumerate(trace.requests)]
-    rng = random.Random(seed)
+    recs = [RequestRecord(f"r{first_index + i * step}", r.arrival_s, r.prompt_tokens,
+                          r.output_tokens, ttft_target_s, tpot_target_s)
+            for i, r in enumerate(trace.requests)]
+    rng = random.Random(seed + first_index)
     timeline: list[TimelineSample] = []
     wall = time.perf_counter()
     async with AsyncDynabatchClient(target) as client:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        loop = asyncio.get_running_loop()      # its clock is time.monotonic(), system-wide
+        t0 = loop.time() if start is None else start
         stop = asyncio.Event()
         poller = asyncio.create_task(_poll(client, t0, stats_period_s, timeline, stop))
         tasks = []
@@ -100,14 +105,49 @@ async def replay(trace: Trace, target: str, ttft_target_s: float = 2.0,
         await asyncio.gather(*tasks)
         stop.set()
         policy = await poller
-        stats = await client.stats()
     meta = {"simulated": False, "target": target, "policy": policy, "trace": trace.source,
             "trace_notes": trace.notes, "requests": len(recs),
             "wall_s": time.perf_counter() - wall,
             "client_host": f"{platform.node()} ({platform.machine()})",
-            "server_counts": {"completed": stats.completed, "rejected": stats.rejected,
-                              "failed": stats.failed, "cancelled": stats.cancelled}}
+            "server_counts": await _server_counts(target)}
     return RunResult(recs, timeline, label=policy or "replay", meta=meta)
+
+
+def _replay_part(args: tuple) -> RunResult:
+    part, target, kwargs = args
+    return asyncio.run(replay(part, target, **kwargs))
+
+
+def replay_parallel(trace: Trace, target: str, processes: int, ttft_target_s: float = 2.0,
+                    tpot_target_s: float = 0.05, vocab: int = 256, seed: int = 0) -> RunResult:
+    """replay() with the trace's requests dealt round-robin to `processes` client processes on
+    one clock: when hundreds of streams run at once, one Python process's receive loop
+    otherwise sets the pace (and its lag is counted as the server's). The timeline is the
+    first process's; the server counts in meta are read after every process finished."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    if processes <= 1:
+        return asyncio.run(replay(trace, target, ttft_target_s, tpot_target_s, vocab, seed))
+    start = time.monotonic() + 2.0                  # every process connected by then
+    jobs = [(Trace(trace.requests[i::processes], source=trace.source, notes=trace.notes), target,
+             dict(ttft_target_s=ttft_target_s, tpot_target_s=tpot_target_s, vocab=vocab,
+                  seed=seed, start=start, first_index=i, step=processes))
+            for i in range(processes)]
+    with cf.ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_replay_part, jobs))
+    recs = sorted((r for p in parts for r in p.records), key=lambda r: int(r.request_id[1:]))
+    meta = dict(parts[0].meta, requests=len(recs), client_processes=processes,
+                wall_s=max(p.meta["wall_s"] for p in parts),
+                server_counts=asyncio.run(_server_counts(target)))
+    return RunResult(recs, parts[0].timeline, parts[0].label, meta)
+
+
+async def _server_counts(target: str) -> dict:
+    from dynabatch.client import AsyncDynabatchClient
+    async with AsyncDynabatchClient(target) as client:
+        st = await client.stats()
+    return {"completed": st.completed, "rejected": st.rejected, "failed": st.failed,
+            "cancelled": st.cancelled}
 
 
 def main(a: argparse.Namespace, trace: Trace) -> int:

@@ -8,7 +8,8 @@ Two workloads, both measured by the same clock rules (metrics.RequestRecord):
   offline   N requests at t=0 -> throughput ratio (whole path / in-process)
   moderate  Poisson arrivals at --load x the in-process offline request rate -> TTFT/TPOT added
 The scheduler and the worker run as separate processes (`dynabatch scheduler`, `dynabatch
-worker`), as deployed; the replay client runs in this process.
+worker`), as deployed; the replay client runs in this process, or with --client-procs N in N
+processes on one clock (bench/replay.py replay_parallel).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from dynabatch.bench import procs
 from dynabatch.bench.metrics import Outcome, RequestRecord, RunResult, raw_rows, summarize
-from dynabatch.bench.replay import prompt_ids, replay
+from dynabatch.bench.replay import prompt_ids, replay, replay_parallel
 from dynabatch.bench.traces import Trace, TraceRequest, poisson
 
 
@@ -99,17 +100,23 @@ def run(a: argparse.Namespace) -> dict:
     del engine
     _empty_cache()
 
+    async def clients(trace: Trace, target: str) -> RunResult:
+        """The replay, from --client-procs processes (in a thread: it waits on them)."""
+        return await asyncio.to_thread(replay_parallel, trace, target, a.client_procs, 600.0,
+                                       60.0, a.vocab, a.seed)
+
     async def through_stack() -> tuple[dict, dict]:
         async with _stack(a) as target:
             await replay(offline_trace(min(8, a.requests), a.prompt, 8), target)    # warm-up
-            off = _summary(await replay(offline, target, 600.0, 60.0, a.vocab, a.seed))
-            mod = _summary(await replay(moderate, target, 600.0, 60.0, a.vocab, a.seed))
+            off = _summary(await clients(offline, target))
+            mod = _summary(await clients(moderate, target))
             return off, mod
     stack_off, stack_mod = asyncio.run(through_stack())
     return {
         "what": "sidecar cost: engine in-process vs client->gRPC->scheduler->Redis->worker",
         "machine": _machine(a.device), "model": a.model, "requests": a.requests,
         "prompt": a.prompt, "output": a.output, "moderate_rps": round(rate, 3),
+        "client_processes": a.client_procs,
         "throughput_ratio": round(stack_off["output_tok_s"] / direct_off["output_tok_s"], 4),
         "added_at_moderate_load": _added(direct_mod, stack_mod),
         "runs": {"direct_offline": direct_off, "stack_offline": stack_off,
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=int, default=256)
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--load", type=float, default=0.5, help="moderate load, x offline req/s")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="client processes the whole path's requests are dealt to (one Python "
+                        "process receiving every stream can set the pace itself)")
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the JSON here")

@@ -6,14 +6,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from dynabatch.bench import sidecar
 
 
-def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client_procs", [1, 2])
+def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: int) -> None:
+    """With 2 client processes the requests are dealt between them and merged back: every
+    request is there once, with its own times on the shared clock."""
     out = tmp_path / "sidecar.json"
     assert sidecar.main(["--device", "cpu", "--requests", "6", "--prompt", "8", "--output", "4",
-                         "--max-running", "8", "--redis-url", redis_url, "--out", str(out)]) == 0
+                         "--max-running", "8", "--redis-url", redis_url, "--out", str(out),
+                         "--client-procs", str(client_procs)]) == 0
     res = json.loads(out.read_text())
+    assert res["client_processes"] == client_procs
+    stack = res["runs"]["stack_offline"]["raw"]
+    cols = stack["request_columns"]
+    rows = [dict(zip(cols, r)) for r in stack["requests"]]
+    assert all(0 <= r["arrival_s"] < 5 and r["ttft_ms"] > 0 for r in rows)
     assert res["throughput_ratio"] > 0 and res["moderate_rps"] > 0
     for name, run in res["runs"].items():
         assert run["counts"]["ok"] == 6, name
