@@ -38,9 +38,10 @@ def test_live_sweep_with_processes(redis_url: str, tmp_path: Path, capsys) -> No
                     "--max-prompt", "48", "--max-output", "16", "--seconds", "2",
                     "--ttft-ms", "1000", "--tpot-ms", "1000", "--redis-url", redis_url,
                     "--point", "fcfs@8", "--point", "naive:naive_window_s=3@4,8",
-                    "--out", str(out)])
+                    "--warmup-s", "1", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
+    assert data["warmup"] == {"requests": 8, "rps": 8.0, "seconds": 1.0}   # not in any point
     runs = [(p["label"], p["target_rps"]) for p in data["points"]]
     assert runs == [("fcfs", 8.0), ("naive[naive_window_s=3]", 4.0)]
     assert data["capacity_rps"] == {"fcfs": 8.0, "naive[naive_window_s=3]": 0.0}
