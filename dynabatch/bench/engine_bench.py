@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF generate batches; default 1,64,256 / 1,4; 'none' to skip")
     p.add_argument("--eager-decode", action="store_true",
                    help="decode layers without torch.compile (default compiles them on CUDA)")
+    p.add_argument("--eager-prefill", action="store_true",
+                   help="prefill without torch.compile (default compiles its pieces on CUDA)")
     p.add_argument("--kv-fraction", type=float, default=0.5,
                    help="share of free memory for the KV pool (leaves room for the baseline)")
     p.add_argument("--prefill-budget", type=int, default=8192)
@@ -221,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(model, device=args.device, kv_fraction=args.kv_fraction,
                           max_running=max(batches + [256 if gpu else 16]),
                           prefill_token_budget=args.prefill_budget,
-                          compile_decode=False if args.eager_decode else None)
+                          compile_decode=False if args.eager_decode else None,
+                          compile_prefill=False if args.eager_prefill else None)
     roof = Roofline(engine, bandwidth)
     print(f"{model} on {torch.cuda.get_device_name() if gpu else platform.processor() or 'cpu'}: "
           f"start-up {engine.startup_s:.1f} s, {engine.kv.num_blocks} KV blocks, weights "
@@ -263,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"memory: {mem}")
     stats, startup_s, dtype = engine.stats(), engine.startup_s, engine.kv.data.dtype
     compiled = engine.runner.compiled
+    compiled_prefill = getattr(engine.runner._prefill_forward, "compiled", False)
     del engine, roof
     gc.collect()
     if gpu:
@@ -280,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
                     "copy_bandwidth_TBps": round(bandwidth / 1e12, 3) if bandwidth else None},
         "model": model, "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(), "compile_decode": compiled,
+        "compile_prefill": compiled_prefill,
         "startup_s": round(startup_s, 2),
         "kv_block_size": stats.kv_block_size, "kv_blocks_total": stats.kv_blocks_total,
         "max_running": stats.max_running, "max_model_len": stats.max_model_len,

@@ -69,3 +69,23 @@ def test_fresh_runs_batched_path_matches_gathered_path() -> None:
     fast = reference_paged_attention(q, kv[0, 0], kv[0, 1], meta, D ** -0.5, k_new, v_new)
     slow = reference_paged_attention(q, kv[0, 0], kv[0, 1], meta, D ** -0.5)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_rows_write_and_read_the_slots_of_write_kv() -> None:
+    """A step's K/V written through kv_rows (one index_copy_ per layer) lands where write_kv's
+    per-slot indexing puts it, in the right layer only, and reads back by the same rows."""
+    from dynabatch.worker_svc.engine.attention import kv_rows, write_kv, write_rows
+
+    gen = torch.Generator().manual_seed(3)
+    kv = torch.randn(3, 2, 10, KVH, BS, D, generator=gen)
+    blocks = torch.tensor([4, 4, 9, 1, 7])
+    offsets = torch.tensor([0, 3, 2, 1, 3])
+    k, v = torch.randn(2, 5, KVH, D, generator=gen).unbind(0)
+    want = kv.clone()
+    write_kv(want, 1, k, v, blocks, offsets)
+    got = kv.clone()
+    rows = kv_rows(got, blocks, offsets)
+    write_rows(got, 1, torch.stack((k, v)), rows)
+    assert torch.equal(got, want)
+    back = got[1].view(-1, D)[rows.flatten()].view(2, 5, KVH, D)
+    assert torch.equal(back[0], k) and torch.equal(back[1], v)

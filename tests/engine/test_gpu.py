@@ -107,7 +107,7 @@ def test_varlen_prefill_matches_reference(fresh: bool) -> None:
                          seq_blocks=[torch.tensor(t, device="cuda") for t in tables])
     want = reference_paged_attention(q.float(), k_cache.float(), v_cache.float(), meta,
                                      dim ** -0.5)
-    meta.varlen = varlen_plan(starts, ends, tables, bs, torch.device("cuda"))
-    assert (meta.varlen.ctx_blocks is None) == fresh
-    got = prefill_attention(q, k_cache, v_cache, meta, dim ** -0.5, k_new, v_new)
+    meta.varlen = varlen_plan(starts, ends, tables, kv)
+    assert (meta.varlen.ctx_rows is None) == fresh
+    got = prefill_attention(q, kv, 0, meta, dim ** -0.5, k_new, v_new)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

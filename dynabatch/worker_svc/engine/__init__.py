@@ -26,13 +26,16 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
                  num_kv_blocks: int | None = None, kv_fraction: float = 0.9,
                  block_size: int = 16, max_running: int = 256, prefill_token_budget: int = 8192,
                  cuda_graphs: bool = True, compile_decode: bool | None = None,
-                 seed: int = 0) -> "PagedEngine":
+                 compile_prefill: bool | None = None, seed: int = 0) -> "PagedEngine":
     """Load `model` (named shape or from_pretrained path), size the KV pool, capture graphs.
 
     On CUDA without `num_kv_blocks`, the pool takes `kv_fraction` of the memory still free once
     the weights are loaded. `compile_decode` (default: on CUDA, for Llama-family layouts) runs
     the decoder layers of decode steps through torch.compile (faster steps; adds ~10 s to
-    start-up on an H200). The returned engine's `startup_s` is the measured build time.
+    start-up on an H200). `compile_prefill` (same default) compiles the lean prefill forward
+    in pieces between its attention calls (prefill.py: a few kernels per layer instead of ~25,
+    for steps whose token count changes every time). The returned engine's `startup_s` is the
+    measured build time, warm-up compilation included.
     """
     import torch
 
@@ -46,6 +49,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     net = loader.load_model(model, dev, dt, seed)
     if compile_decode is None:
         compile_decode = dev.type == "cuda" and compiled.supports_compiled_decode(net)
+    if compile_prefill is None:
+        compile_prefill = dev.type == "cuda"
     config = net.config
     if num_kv_blocks is None:
         if dev.type == "cuda":
@@ -57,7 +62,7 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
                          prefill_token_budget=prefill_token_budget,
                          max_model_len=_full_attention_len(config, models.max_model_len(config)),
                          eos_token_ids=models.eos_token_ids(config), cuda_graphs=cuda_graphs,
-                         compile_decode=compile_decode,
+                         compile_decode=compile_decode, compile_prefill=compile_prefill,
                          seed=seed)
     engine.runner.capture()
     if dev.type == "cuda":

@@ -33,29 +33,45 @@ class VarlenPlan:
     cu_k: torch.Tensor                    # [B+1] int32, context offsets in the packed contexts
     max_q: int
     max_k: int
-    # Each context token's (block, offset), packed; None when every chunk is a whole fresh
-    # prompt (the step's own K/V then are the contexts).
-    ctx_blocks: torch.Tensor | None
-    ctx_offsets: torch.Tensor | None
+    # Each context token's rows in a layer's flat K/V (kv_rows), packed; None when every chunk
+    # is a whole fresh prompt (the step's own K/V then are the contexts).
+    ctx_rows: torch.Tensor | None
 
 
-def varlen_plan(starts: list[int], ends: list[int], tables: list[np.ndarray], block_size: int,
-                device: torch.device) -> VarlenPlan:
+def varlen_plan(starts: list[int], ends: list[int], tables: list[np.ndarray], kv: torch.Tensor
+                ) -> VarlenPlan:
     """The plan of chunks [start, end) of sequences with these block tables; each context's
     slots are listed unless every chunk is a whole fresh prompt."""
     def on_device(a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(a)).to(kv.device, dtype, non_blocking=True)
 
     q_lens = [e - s for s, e in zip(starts, ends)]
     cu_q = np.concatenate(([0], np.cumsum(q_lens)))
     if not any(starts):
         return VarlenPlan(on_device(cu_q, torch.int32), on_device(cu_q, torch.int32),
-                          max(q_lens), max(ends), None, None)
+                          max(q_lens), max(ends), None)
+    block_size = kv.shape[4]
     cu_k = np.concatenate(([0], np.cumsum(ends)))
     every = np.concatenate([np.arange(n) for n in ends])
     blocks = np.concatenate([t[np.arange(n) // block_size] for t, n in zip(tables, ends)])
     return VarlenPlan(on_device(cu_q, torch.int32), on_device(cu_k, torch.int32), max(q_lens),
-                      max(ends), on_device(blocks), on_device(every % block_size))
+                      max(ends), kv_rows(kv, on_device(blocks), on_device(every % block_size)))
+
+
+def kv_rows(kv: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[2, T, KVH]: where the K (then V) of each token's slot (block, offset) and each K/V head
+    lies in a layer's cache seen as rows of head_dim (`kv[layer].view(-1, head_dim)`), so that
+    a whole step's K/V is written (or read) with one index_copy_ (index_select) per layer."""
+    _, _, num_blocks, kv_heads, block_size, _ = kv.shape
+    heads = torch.arange(kv_heads, device=blocks.device)
+    rows = (blocks[:, None] * kv_heads + heads) * block_size + offsets[:, None]
+    return torch.stack((rows, rows + num_blocks * kv_heads * block_size))
+
+
+def write_rows(kv: torch.Tensor, layer: int, kv_new: torch.Tensor, rows: torch.Tensor) -> None:
+    """Store a step's new K/V ([2, T, KVH, D]) at its kv_rows."""
+    d = kv.shape[-1]
+    kv[layer].view(-1, d).index_copy_(0, rows.flatten(), kv_new.reshape(-1, d))
 
 
 @dataclass
@@ -77,6 +93,7 @@ class PagedMetadata:
     context_lens_host: list[int] = field(default_factory=list)
     seq_blocks: list[torch.Tensor] = field(default_factory=list)
     varlen: VarlenPlan | None = None
+    write_rows: torch.Tensor | None = None    # prefill: kv_rows of the new tokens' slots
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -102,24 +119,25 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                                meta.write_blocks, meta.write_offsets,
                                                meta.block_tables, meta.context_lens, scale)
     else:
-        k_cache, v_cache = write_kv(meta.kv, module.layer_idx, k, v, meta.write_blocks,
-                                    meta.write_offsets)
-        out = prefill_attention(q, k_cache, v_cache, meta, scale, k, v)
+        write_rows(meta.kv, module.layer_idx, torch.stack((k, v)), meta.write_rows)
+        out = prefill_attention(q, meta.kv, module.layer_idx, meta, scale, k, v)
     return out.unsqueeze(0), None
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: PagedMetadata, scale: float, k_new: torch.Tensor,
-                      v_new: torch.Tensor) -> torch.Tensor:
-    """A prefill step's attention (its K/V already written): q [T, H, D] -> [T, H, D]."""
+def prefill_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, meta: PagedMetadata,
+                      scale: float, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    """A prefill step's attention (its K/V already written in `kv`'s `layer`):
+    q [T, H, D] -> [T, H, D]."""
     plan = meta.varlen
     if plan is None:
-        return reference_paged_attention(q, k_cache, v_cache, meta, scale, k_new, v_new)
-    if plan.ctx_blocks is None:
+        return reference_paged_attention(q, kv[layer, 0], kv[layer, 1], meta, scale, k_new,
+                                         v_new)
+    if plan.ctx_rows is None:
         k, v = k_new, v_new
     else:
-        k = k_cache[plan.ctx_blocks, :, plan.ctx_offsets]       # [Tk, KVH, D]
-        v = v_cache[plan.ctx_blocks, :, plan.ctx_offsets]
+        d = kv.shape[-1]
+        ctx = kv[layer].view(-1, d).index_select(0, plan.ctx_rows.flatten())
+        k, v = ctx.view(2, -1, kv.shape[3], d).unbind(0)        # [Tk, KVH, D] each
     # Flash attention takes fewer K/V heads than query heads as they are (native GQA), and
     # aligns the causal mask at the end of each context when it is longer than the queries.
     return torch.ops.aten._flash_attention_forward(

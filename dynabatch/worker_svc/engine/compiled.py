@@ -8,7 +8,7 @@ the module's int attribute), so the 16 or 32 layers share one graph. (Making the
 symbolic instead, with allow_unspec_int_on_nn_module, also made head_dim and the fused
 projections' split sizes symbolic: the pointwise kernels then indexed with runtime divisions,
 e.g. the MLP activation took 3-6 us per layer instead of 2 at batch 64 on an H200.)
-Prefill stays eager.
+Prefill is compiled in pieces of its own (prefill.py).
 
 Outside the layers, the final norm is compiled too (one kernel instead of seven), and the
 rotary cos/sin come from a table the model's own rotary module filled once at start-up (one
@@ -58,7 +58,17 @@ def rope_table(model: PreTrainedModel, positions: int) -> torch.Tensor:
     return torch.stack([cos[0], sin[0]], dim=1)
 
 
-def compiled_decode_forward(model: PreTrainedModel, max_positions: int) -> Forward:
+def static_rope_table(model: PreTrainedModel, positions: int) -> torch.Tensor | None:
+    """rope_table, or None where the model's cos/sin change at run time: dynamic NTK scaling
+    moves inv_freq with the longest position seen, so they are recomputed per step."""
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    if rotary is None or "dynamic" in str(getattr(rotary, "rope_type", "")):
+        return None
+    return rope_table(model, positions)
+
+
+def compiled_decode_forward(model: PreTrainedModel, table: torch.Tensor | None) -> Forward:
+    """`table`: static_rope_table's (None: the rotary module runs every step)."""
     base = model.base_model
     if not supports_compiled_decode(model):
         raise ValueError(f"compile_decode needs a Llama-family model ({type(base).__name__} "
@@ -66,9 +76,6 @@ def compiled_decode_forward(model: PreTrainedModel, max_positions: int) -> Forwa
     head = model.get_output_embeddings()
     layer_fn = torch.compile(_run_layer, dynamic=True)
     norm_fn = torch.compile(_run_module, dynamic=True)
-    # Dynamic NTK scaling moves inv_freq with the longest position seen: recompute it per step.
-    dynamic_rope = "dynamic" in str(getattr(base.rotary_emb, "rope_type", ""))
-    table = None if dynamic_rope else rope_table(model, max_positions)
 
     def forward(ids: torch.Tensor, pos: torch.Tensor, meta: PagedMetadata,
                 keep: None) -> torch.Tensor:

@@ -45,7 +45,7 @@ class PagedEngine:
     def __init__(self, model: PreTrainedModel, kv: KVCache, device: torch.device, *,
                  max_running: int, prefill_token_budget: int, max_model_len: int,
                  eos_token_ids: tuple[int, ...], cuda_graphs: bool, compile_decode: bool,
-                 seed: int) -> None:
+                 compile_prefill: bool, seed: int) -> None:
         self.model = model
         self.kv = kv
         self.device = device
@@ -53,7 +53,7 @@ class PagedEngine:
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(kv, max_running, prefill_token_budget)
         self.runner = ModelRunner(model, kv, device, max_running, self.max_model_len, cuda_graphs,
-                                  compile_decode)
+                                  compile_decode, compile_prefill)
         self.sampler = Sampler(device, seed)
         self._arrivals = itertools.count()
         self._pending: list[TokenOutput] = []

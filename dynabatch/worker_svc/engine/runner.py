@@ -6,8 +6,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
-from dynabatch.worker_svc.engine.attention import PagedMetadata, varlen_plan
-from dynabatch.worker_svc.engine.compiled import compiled_decode_forward
+from dynabatch.worker_svc.engine.attention import PagedMetadata, kv_rows, varlen_plan
+from dynabatch.worker_svc.engine.compiled import compiled_decode_forward, static_rope_table
 from dynabatch.worker_svc.engine.decode_inputs import DecodeInputs
 from dynabatch.worker_svc.engine.graphs import DecodeGraphs
 from dynabatch.worker_svc.engine.kv_cache import KVCache
@@ -23,20 +23,22 @@ _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, kv: KVCache, device: torch.device,
                  max_running: int, max_model_len: int, cuda_graphs: bool,
-                 compile_decode: bool) -> None:
+                 compile_decode: bool, compile_prefill: bool) -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.block_size = kv.block_size
         # Compiled decode: one dynamic-shape graph per layer serves every batch size >= 2.
         self.compiled = compile_decode
-        self._decode_forward = (compiled_decode_forward(model, max_model_len) if compile_decode
+        rope = static_rope_table(model, max_model_len) if compile_decode or compile_prefill else None
+        self._decode_forward = (compiled_decode_forward(model, rope) if compile_decode
                                 else self._forward)
         # Flash attention's variable-length form serves prefill on CUDA in 16-bit.
         self._varlen = device.type == "cuda" and kv.data.dtype in (torch.float16, torch.bfloat16)
-        # Prefill: the same math without the HF modules' host overhead where the layout allows.
-        self._prefill_forward = (LeanPrefill(model) if supports_lean_prefill(model)
-                                 else self._forward)
+        # Prefill: the same math without the HF modules' host overhead where the layout allows
+        # (compiled in pieces between the attention calls with `compile_prefill`).
+        self._prefill_forward = (LeanPrefill(model, compile_prefill, rope)
+                                 if supports_lean_prefill(model) else self._forward)
         self.inputs = DecodeInputs(kv, device, max_running, max_running,
                                    -(-max_model_len // kv.block_size))
         self.graphs: DecodeGraphs | None = None
@@ -45,6 +47,9 @@ class ModelRunner:
                                        min_batch=2 if compile_decode else 1)
 
     def capture(self) -> None:
+        """Start-up work: compile the prefill pieces, capture the decode graphs."""
+        if isinstance(self._prefill_forward, LeanPrefill):
+            self._prefill_forward.warm_up(self.device)
         if self.graphs is not None:
             self.graphs.capture()
 
@@ -62,11 +67,12 @@ class ModelRunner:
         meta.write_blocks = self._tensor(np.concatenate(
             [t[p // bs] for t, p in zip(tables, positions)]))
         meta.write_offsets = self._tensor(pos % bs)
+        meta.write_rows = kv_rows(self.kv.data, meta.write_blocks, meta.write_offsets)
         meta.query_lens = q_lens
         meta.context_lens_host = [c.end for c in chunks]
         if self._varlen:
             meta.varlen = varlen_plan([c.start for c in chunks], [c.end for c in chunks],
-                                      tables, bs, self.device)
+                                      tables, self.kv.data)
         else:
             meta.seq_blocks = [self._tensor(t[: -(-c.end // bs)]) for t, c in zip(tables, chunks)]
         ids = [t for c in chunks for t in c.seq.tokens[c.start:c.end]]
