@@ -48,6 +48,7 @@ class Child:
     def __init__(self, name: str, args: list[str], health: str, startup_s: float) -> None:
         self.name, self.cmd, self.health, self.startup_s = name, _CLI + args, health, startup_s
         self.proc: subprocess.Popen | None = None
+        self.metrics_url: str | None = None
 
     async def __aenter__(self) -> "Child":
         self.proc = subprocess.Popen(self.cmd)
@@ -99,8 +100,43 @@ def worker(redis_url: str, prefix: str, model: str, device: str, max_running: in
            kv_blocks: int | None = None, engine: str = "torch", extra: list[str] = ()) -> Child:
     """`dynabatch worker`; start-up includes model load and CUDA-graph capture. `extra`: more
     worker flags (e.g. the fake engine's)."""
-    health = f"127.0.0.1:{free_port()}"
+    health, metrics = f"127.0.0.1:{free_port()}", free_port()
     kv = ["--kv-blocks", str(kv_blocks)] if kv_blocks else []
-    return Child("worker", ["worker", *_common(redis_url, prefix), "--model", model, "--engine",
-                            engine, "--device", device, "--max-running", str(max_running), *kv,
-                            "--health-listen", health, *extra], health, 600)
+    child = Child("worker", ["worker", *_common(redis_url, prefix), "--model", model, "--engine",
+                             engine, "--device", device, "--max-running", str(max_running), *kv,
+                             "--health-listen", health, "--metrics-port", str(metrics), *extra],
+                  health, 600)
+    child.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+    return child
+
+
+def step_totals(metrics_url: str) -> dict[str, dict[str, float]]:
+    """A worker's engine steps so far by kind: {kind: {"steps": n, "seconds": total}} (from
+    its dynabatch_worker_step_duration_seconds histogram)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+    with urlopen(metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "dynabatch_worker_step_duration_seconds":
+            continue
+        for sample in family.samples:
+            field = {"_count": "steps", "_sum": "seconds"}.get(
+                sample.name.removeprefix(family.name))
+            if field:
+                out.setdefault(sample.labels["kind"], {})[field] = sample.value
+    return out
+
+
+def step_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """step_totals between two scrapes, with each kind's mean step in ms."""
+    out = {}
+    for kind, now in after.items():
+        was = before.get(kind, {})
+        n = now.get("steps", 0) - was.get("steps", 0)
+        secs = now.get("seconds", 0) - was.get("seconds", 0)
+        out[kind] = {"steps": int(n), "seconds": round(secs, 4),
+                     "mean_ms": round(1e3 * secs / n, 3) if n else None}
+    return out

@@ -42,6 +42,7 @@ def drive_direct(engine, trace: Trace, vocab: int, seed: int) -> RunResult:
             for i, r in enumerate(trace.requests)]
     by_id = {r.request_id: r for r in recs}
     produced = dict.fromkeys(by_id, 0)
+    steps: dict[str, dict[str, float]] = {}
     nxt, t0 = 0, time.perf_counter()
     while nxt < len(recs) or engine.has_work():
         now = time.perf_counter() - t0
@@ -55,6 +56,10 @@ def drive_direct(engine, trace: Trace, vocab: int, seed: int) -> RunResult:
             continue
         outs = engine.step()
         now = time.perf_counter() - t0
+        if engine.last_step is not None:
+            kind = steps.setdefault(engine.last_step.kind, {"steps": 0, "seconds": 0.0})
+            kind["steps"] += 1
+            kind["seconds"] += engine.last_step.seconds
         for o in outs:
             rec = by_id[o.request_id]
             if o.token_ids and rec.first_token_s < 0:
@@ -63,23 +68,25 @@ def drive_direct(engine, trace: Trace, vocab: int, seed: int) -> RunResult:
             if o.finish_reason:
                 rec.finish_s, rec.outcome = now, Outcome.OK
                 rec.output_tokens = produced[o.request_id]
-    return RunResult(recs, label="in-process", meta={"path": "engine in-process"})
+    return RunResult(recs, label="in-process", meta={"path": "engine in-process",
+                                                     "engine_steps": procs.step_delta({}, steps)})
 
 
 @contextlib.asynccontextmanager
 async def _stack(a: argparse.Namespace):
     """Scheduler (fcfs, as many slots as the worker) and worker as separate processes."""
     prefix = f"dynabatch-sidecar-{os.getpid()}:"
-    async with procs.worker(a.redis_url, prefix, a.model, a.device, a.max_running), \
+    async with procs.worker(a.redis_url, prefix, a.model, a.device, a.max_running) as worker, \
             procs.scheduler(a.redis_url, prefix, a.model, "fcfs",
                             [f"max_num_seqs={a.max_running}"]) as sched:
-        yield sched.health
+        yield sched.health, worker.metrics_url
     procs.drop_keys(a.redis_url, prefix)
 
 
 def _summary(run: RunResult) -> dict:
     """The run's summary plus every request as a row (queue time from the server's Timings on
-    the whole path), so the added TTFT can be split after the fact."""
+    the whole path), so the added TTFT can be split after the fact. Its meta holds the engine's
+    steps by kind (count, total and mean time): how the two paths' step patterns differ."""
     return summarize(run) | {"raw": raw_rows(run)}
 
 
@@ -106,11 +113,15 @@ def run(a: argparse.Namespace) -> dict:
                                        60.0, a.vocab, a.seed)
 
     async def through_stack() -> tuple[dict, dict]:
-        async with _stack(a) as target:
+        async with _stack(a) as (target, metrics_url):
+            async def measured(trace: Trace) -> dict:
+                before = await asyncio.to_thread(procs.step_totals, metrics_url)
+                run = await clients(trace, target)
+                after = await asyncio.to_thread(procs.step_totals, metrics_url)
+                run.meta["engine_steps"] = procs.step_delta(before, after)
+                return _summary(run)
             await replay(offline_trace(min(8, a.requests), a.prompt, 8), target)    # warm-up
-            off = _summary(await clients(offline, target))
-            mod = _summary(await clients(moderate, target))
-            return off, mod
+            return await measured(offline), await measured(moderate)
     stack_off, stack_mod = asyncio.run(through_stack())
     return {
         "what": "sidecar cost: engine in-process vs client->gRPC->scheduler->Redis->worker",
@@ -157,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['throughput_ratio']:.3f}; at {res['moderate_rps']} req/s added TTFT p50/p99 "
           f"{res['added_at_moderate_load']['ttft_ms']['p50']}/{res['added_at_moderate_load']['ttft_ms']['p99']} ms, "
           f"TPOT p50/p99 {res['added_at_moderate_load']['tpot_ms']['p50']}/{res['added_at_moderate_load']['tpot_ms']['p99']} ms")
+    for name, r in res["runs"].items():
+        print(f"  {name:16s} engine steps: " + ", ".join(
+            f"{k} {v['steps']} x {v['mean_ms']} ms" for k, v in r["meta"]["engine_steps"].items()))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")

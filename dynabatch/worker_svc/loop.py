@@ -253,7 +253,7 @@ class WorkerLoop:
         if rows.stats is not None:
             self.engine.stats = rows.stats
         if rows.kind:
-            self.metrics.step(len(rows), len(rows.tokens), rows.seconds)
+            self.metrics.step(rows.kind, len(rows), len(rows.tokens), rows.seconds)
         if self.tracing is not None and rows.kind:
             outputs = [TokenOutput(rid, [], 0) for h in rows.handles
                        if (rid := self._live.get(h)) is not None]

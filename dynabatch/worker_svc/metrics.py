@@ -19,8 +19,9 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.step_seconds = Histogram("dynabatch_worker_step_duration", "Wall time of one engine "
-                                      "step (its _count: steps run)", unit="seconds",
-                                      buckets=STEP_BUCKETS, registry=r)
+                                      "step by kind: prefill, decode, or step where the engine "
+                                      "does not say (its _count: steps run)", ["kind"],
+                                      unit="seconds", buckets=STEP_BUCKETS, registry=r)
         self.batch_size = Histogram("dynabatch_worker_batch_size", "Requests with an output (tokens "
                                     "or their end) in a step", buckets=BATCH_BUCKETS, registry=r)
         self.output_tokens = Counter("dynabatch_worker_output_tokens", "Tokens generated",
@@ -41,9 +42,9 @@ class WorkerMetrics:
         self._mark: tuple[float, int] | None = None     # (time, tokens) at the last heartbeat
         self._preempted = 0
 
-    def step(self, rows: int, tokens: int, seconds: float) -> None:
+    def step(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
         """One engine step: `rows` requests got an output (tokens or their end)."""
-        self.step_seconds.observe(seconds)
+        self.step_seconds.labels(kind).observe(seconds)
         if rows:
             self.batch_size.observe(rows)
             self.output_tokens.inc(tokens)

@@ -1,6 +1,6 @@
 """The sidecar benchmark end to end on CPU (tiny model): the in-process engine and the whole
 path (scheduler and worker processes, real Redis) both serve every request; the JSON holds
-the ratio, the added latencies and every request's row."""
+the ratio, the added latencies, every request's row and the engine's steps by kind."""
 from __future__ import annotations
 
 import json
@@ -29,4 +29,9 @@ def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: i
     for name, run in res["runs"].items():
         assert run["counts"]["ok"] == 6, name
         assert len(run["raw"]["requests"]) == 6
+        # the engine's steps in this run alone (the whole path's from the worker's metrics):
+        # every prompt prefilled, each request's 4 tokens after the first need >= 3 decodes
+        steps = run["meta"]["engine_steps"]
+        assert 1 <= steps["prefill"]["steps"] <= 6 and steps["decode"]["steps"] >= 3, name
+        assert steps["decode"]["seconds"] > 0 and steps["decode"]["mean_ms"] > 0, name
     assert set(res["added_at_moderate_load"]) == {"ttft_ms", "tpot_ms"}

@@ -1,0 +1,285 @@
+"""Weight-streaming GEMM for the decode step: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M <= 16.
+
+Why: at decode batch 1..16 a linear layer is a pure weight read (M x K activations against
+N x K weights), so its floor is weight bytes / HBM bandwidth. cuBLAS on an H200 (~4.25 TB/s
+copy bandwidth) at batch 1, Llama-3.2-1B bf16 shapes (K, N): qkv (2048, 3072) 5.04 us
+(2.5 TB/s), o (2048, 2048) 5.05 us (1.66 TB/s), gate_up (2048, 16384) 17.7 us (3.8 TB/s),
+down (8192, 2048) 10.4 us plus a 1.7-us split-K reduce kernel (3.2 TB/s). The small ones are
+far from bandwidth: too few thread blocks in flight, and a second kernel for down.
+
+Design: each program owns BLOCK_N output columns (BLOCK_N rows of W, contiguous along K) and
+streams them in BLOCK_K tiles, 16-byte vector loads, through a loop that Triton software-
+pipelines (tl.range num_stages: cp.async into shared memory, also for loads that feed no dot).
+Small BLOCK_N gives hundreds of programs, so every SM keeps several tiles in flight.
+- M <= 4 ("fma" path): fp32 products accumulate elementwise in one [BLOCK_N, BLOCK_K]
+  register tile per row of x (rows unrolled; a 3-D tile gets a scalar-per-thread layout)
+  and are reduced over K once, after the loop (no shuffles inside it).
+- M > 4 ("dot" path): x is padded to 16 rows and tl.dot (tensor cores) does the reduction;
+  BLOCK_N >= 16 then, so the narrow shapes need split-K to fill the GPU.
+- Split-K stays one kernel: SPLIT programs per column block each write an fp32 partial, take
+  a ticket from a per-block counter (acq_rel atomic); the last to arrive sums the partials in
+  split order (deterministic), adds the bias, stores y and resets the counter to 0 for the
+  next call. The counters are one persistent zeroed int32 buffer per device, made on first
+  use outside graph capture (a split call first seen during capture runs unsplit instead);
+  calls with SPLIT > 1 must not run concurrently on two streams (they would share counters).
+Tail rows of W and x are clamped rather than masked (loads stay full vectors; only the store
+is masked). The launch configuration comes from _TABLE or default_config, fixed per
+(M, K, N): no autotuning, no host sync, only torch.empty allocations, so a call can be
+captured in a CUDA graph. tools/micro_gemv.py times it against F.linear and sweeps configs.
+
+Decode only: for M > 16 use F.linear (cuBLAS), which is compute-efficient there.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16
+_COUNTERS = 1 << 16          # split-K tickets: one int32 per column block, per device
+_REG_BUDGET = 64             # fp32 accumulator registers per thread on the fma path
+_FMA_ROWS = 4                # the fma path's most rows (unrolled); more go to tl.dot
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_per_split,
+                 stride_xm, stride_wn, stride_ym,
+                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, M_PAD)
+    rk = tl.arange(0, BLOCK_K)
+    # Clamped, not masked: tail programs re-read the last row; the store drops the copies.
+    w_ptrs = w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_wn + rk[None, :]
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    if DOT:
+        acc = _dot_tiles(x_ptr, w_ptrs, rm, rk, M, stride_xm, k_lo, k_hi, M_PAD, BLOCK_N,
+                         BLOCK_K, EVEN_K, NUM_STAGES)
+    else:
+        acc = _fma_tiles(x_ptr, w_ptrs, rk, M, stride_xm, k_lo, k_hi, M_PAD, BLOCK_N, BLOCK_K,
+                         EVEN_K, NUM_STAGES)
+    out_mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if SPLIT > 1:
+        part_ptrs = part_ptr + (rm[:, None] * N + rn[None, :])
+        tl.store(part_ptrs + split * M * N, acc, mask=out_mask)
+        tl.debug_barrier()          # every thread's partial precedes the release below
+        ticket = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT - 1:     # last of this column block: reduce in split order
+            acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+            for s in tl.static_range(SPLIT):
+                acc += tl.load(part_ptrs + s * M * N, mask=out_mask, other=0.0,
+                               cache_modifier=".cg")
+            _store_out(acc, b_ptr, y_ptr, rm, rn, N, stride_ym, out_mask, HAS_BIAS)
+            tl.atomic_xchg(count_ptr + pid_n, 0)
+    else:
+        _store_out(acc, b_ptr, y_ptr, rm, rn, N, stride_ym, out_mask, HAS_BIAS)
+
+
+@triton.jit
+def _load(ptrs, mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot_tiles(x_ptr, w_ptrs, rm, rk, M, stride_xm, k_lo, k_hi, M_PAD: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               NUM_STAGES: tl.constexpr):
+    """x padded to M_PAD >= 16 rows (clamped copies), tl.dot per tile: [M_PAD, BLOCK_N]."""
+    x_ptrs = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm + rk[None, :]
+    acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+        kmask = (k + rk)[None, :] < k_hi
+        w = _load(w_ptrs + k, kmask, EVEN_K)
+        acc = tl.dot(_load(x_ptrs + k, kmask, EVEN_K), tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _fma_tiles(x_ptr, w_ptrs, rk, M, stride_xm, k_lo, k_hi, M_PAD: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               NUM_STAGES: tl.constexpr):
+    """M_PAD (1, 2 or 4) rows of fp32 FMAs into [BLOCK_N, BLOCK_K] tiles, one per row (the
+    rows are unrolled: a 3-D [M, N, K] tile gets a scalar-per-thread layout), reduced over K
+    after the loop: [M_PAD, BLOCK_N]."""
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    x0 = x_ptr + rk
+    x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm + rk
+    x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm + rk
+    x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm + rk
+    for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+        kmask = (k + rk) < k_hi
+        w = _load(w_ptrs + k, kmask[None, :], EVEN_K).to(tl.float32)
+        acc0 += w * _load(x0 + k, kmask, EVEN_K).to(tl.float32)[None, :]
+        if M_PAD > 1:
+            acc1 += w * _load(x1 + k, kmask, EVEN_K).to(tl.float32)[None, :]
+        if M_PAD > 2:
+            acc2 += w * _load(x2 + k, kmask, EVEN_K).to(tl.float32)[None, :]
+            acc3 += w * _load(x3 + k, kmask, EVEN_K).to(tl.float32)[None, :]
+    rm = tl.arange(0, M_PAD)[:, None]
+    acc = tl.where(rm == 0, tl.sum(acc0, 1)[None, :], 0.0)
+    if M_PAD > 1:
+        acc = tl.where(rm == 1, tl.sum(acc1, 1)[None, :], acc)
+    if M_PAD > 2:
+        acc = tl.where(rm == 2, tl.sum(acc2, 1)[None, :], acc)
+        acc = tl.where(rm == 3, tl.sum(acc3, 1)[None, :], acc)
+    return acc
+
+
+@triton.jit
+def _store_out(acc, b_ptr, y_ptr, rm, rn, N, stride_ym, out_mask, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch: tile sizes, Triton settings, split-K factor, and tl.dot vs fp32 FMAs."""
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+    split: int = 1
+    dot: bool = False
+
+
+# (padded M, K, N) -> Config, from tools/micro_gemv.py sweeps on an H200; default_config
+# covers everything else. Padded M: 1, 2, 4, 8, 16.
+_TABLE: dict[tuple[int, int, int], Config] = {}
+
+
+def padded_rows(m: int) -> int:
+    return triton.next_power_of_2(max(m, 1))
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(v, 1).bit_length() - 1)
+
+
+def default_config(m: int, k: int, n: int, sm_count: int = 132) -> Config:
+    """~2 programs per SM or more (hundreds at the 1B shapes), tiles as large as the register
+    budget allows; split-K only on the dot path, when its >= 16-column blocks are too few."""
+    m_pad = padded_rows(m)
+    k_pow2 = triton.next_power_of_2(k)
+    target = 2 * sm_count
+    if m_pad <= _FMA_ROWS:
+        block_n = max(1, min(16, _pow2_floor(n // target)))
+        block_k = max(16, min(k_pow2, _REG_BUDGET * 32 * 4 // (m_pad * block_n)))
+        iters = triton.cdiv(k, block_k)
+        return Config(block_n, block_k, num_stages=min(2, iters))   # 3 stages cap occupancy
+    block_n = 32 if n >= 32 * target else 16
+    block_k = max(16, min(k_pow2, 256))
+    blocks = triton.cdiv(n, block_n)
+    split = _pow2_floor(max(1, min(4, -(-target // blocks), k // (2 * block_k))))
+    return Config(block_n, block_k, num_stages=3, split=split, dot=True)
+
+
+def pick_config(m: int, k: int, n: int, sm_count: int = 132) -> Config:
+    return _TABLE.get((padded_rows(m), k, n)) or default_config(m, k, n, sm_count)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132       # the interpreter (CPU tests): as on an H200
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> Optional[torch.Tensor]:
+    """The device's zeroed ticket buffer; None if it does not exist yet and a graph is being
+    captured (zeroing it inside the capture would replay with the graph, in its pool)."""
+    buf = _counters.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _counters[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    return buf
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         config: Optional[Config] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [M, K] with M <= 16, weight [N, K] (K contiguous),
+    bf16 or fp16, fp32 accumulation; returns [M, N] in x's dtype. `config` (default:
+    pick_config) is for tools/micro_gemv.py's sweep."""
+    if x.dim() != 2 or x.shape[0] > MAX_ROWS:
+        raise ValueError(f"gemv takes 2-D x with at most {MAX_ROWS} rows, got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        raise ValueError(f"gemv takes bf16/fp16 x and weight of one dtype, got {x.dtype}, "
+                         f"{weight.dtype}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
+        raise ValueError(f"weight must be [N, {k}] with K contiguous, got {tuple(weight.shape)}"
+                         f" strides {weight.stride()}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    cfg = config or pick_config(m, k, n, _sm_count(x.device))
+    return _launch(x, weight, bias, y, cfg)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            y: torch.Tensor, cfg: Config) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    if not cfg.dot and m > _FMA_ROWS:
+        raise ValueError(f"the fma path takes at most {_FMA_ROWS} rows, got {m}")
+    blocks = triton.cdiv(n, cfg.block_n)
+    split = cfg.split
+    counters = _split_counters(x.device) if split > 1 and blocks <= _COUNTERS else None
+    if counters is None:
+        split = 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)          # no empty splits
+    if split > 1:
+        part = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    else:
+        part = counters = y                      # unused
+    m_pad = max(16, padded_rows(m)) if cfg.dot else padded_rows(m)
+    _gemv_kernel[(blocks, split)](
+        x, weight, bias if bias is not None else y, y, part, counters, m, n, k, k_per_split,
+        x.stride(0), weight.stride(0), y.stride(0),
+        M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, DOT=cfg.dot,
+        EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+@torch.library.custom_op("dynabatch::gemv", mutates_args=())
+def gemv_op(x: torch.Tensor, weight: torch.Tensor,
+            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """gemv as an opaque op for torch.compile (inductor neither traces nor fuses into it)."""
+    return gemv(x, weight, bias)
+
+
+@gemv_op.register_fake
+def _gemv_fake(x: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[0] > MAX_ROWS:
+        raise ValueError(f"gemv takes 2-D x with at most {MAX_ROWS} rows, got {tuple(x.shape)}")
+    return x.new_empty(x.shape[0], weight.shape[0])
