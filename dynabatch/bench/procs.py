@@ -112,7 +112,9 @@ def worker(redis_url: str, prefix: str, model: str, device: str, max_running: in
 
 def step_totals(metrics_url: str) -> dict[str, dict[str, float]]:
     """A worker's engine steps so far by kind: {kind: {"steps": n, "seconds": total}} (from
-    its dynabatch_worker_step_duration_seconds histogram)."""
+    its dynabatch_worker_step_duration_seconds histogram), and under "stalled" the time its
+    engine waited for the serving process (dynabatch_worker_engine_stalled_seconds), under
+    "gaps" the time between its back-to-back steps (dynabatch_worker_engine_gap_seconds)."""
     from urllib.request import urlopen
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -120,6 +122,11 @@ def step_totals(metrics_url: str) -> dict[str, dict[str, float]]:
         text = resp.read().decode()
     out: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dynabatch_worker_engine_stalled_seconds_total":
+                out["stalled"] = {"seconds": sample.value}
+            if sample.name == "dynabatch_worker_engine_gap_seconds_total":
+                out["gaps"] = {"seconds": sample.value}
         if family.name != "dynabatch_worker_step_duration_seconds":
             continue
         for sample in family.samples:

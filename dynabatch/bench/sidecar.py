@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
           f"TPOT p50/p99 {res['added_at_moderate_load']['tpot_ms']['p50']}/{res['added_at_moderate_load']['tpot_ms']['p99']} ms")
     for name, r in res["runs"].items():
         print(f"  {name:16s} engine steps: " + ", ".join(
-            f"{k} {v['steps']} x {v['mean_ms']} ms" for k, v in r["meta"]["engine_steps"].items()))
+            f"{k} {v['steps']} x {v['mean_ms']} ms" if v["steps"] else f"{k} {v['seconds']} s"
+            for k, v in r["meta"]["engine_steps"].items()))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")

@@ -85,12 +85,17 @@ class EngineServer:
         self._last_end: float | None = None    # end of the previous step, if back to back
         self._period_ms = 0.0
         self._ahead = 0                         # OUTPUTS frames sent, not yet credited
+        self._stalled = 0.0     # seconds waited for credits with work to do, not yet reported
 
     def serve(self) -> None:
         self.sock.sendall(wire.ready(self.engine.stats()))
         while True:
-            can_step = self.engine.has_work() and self._ahead < wire.MAX_AHEAD
+            has_work = self.engine.has_work()
+            can_step = has_work and self._ahead < wire.MAX_AHEAD
+            t0 = time.perf_counter()
             commands = self._commands(block=not can_step)
+            if has_work and not can_step:     # the serving side is behind: say for how long
+                self._stalled += time.perf_counter() - t0
             if commands is None:              # the parent closed the socket: done
                 return
             self._apply(commands)
@@ -159,6 +164,7 @@ class EngineServer:
         for o in outs:
             if o.finish_reason and o.request_id in self.handle:
                 self._forget(o.request_id)
+        gap = 0.0 if self._last_end is None else t0 - self._last_end
         if self._last_end is not None:
             ms = (end - self._last_end) * 1000
             self._period_ms = ms if not self._period_ms else 0.9 * self._period_ms + 0.1 * ms
@@ -166,15 +172,18 @@ class EngineServer:
         self._last_end = None if idle else end
         record = getattr(self.engine, "last_step", None)
         self._send(handles, outs, record.kind if record else "step", start_ns, end - t0,
-                   stats=idle or end - self._stats_at >= STATS_EVERY_S)
+                   stats=idle or end - self._stats_at >= STATS_EVERY_S, gap_s=gap)
 
     def _send(self, handles: list[int], outs: list[TokenOutput], kind: str = "",
-              start_ns: int = 0, seconds: float = 0.0, stats: bool = False) -> None:
+              start_ns: int = 0, seconds: float = 0.0, stats: bool = False,
+              gap_s: float = 0.0) -> None:
         snapshot = None
         if stats:
             self._stats_at = time.perf_counter()
             snapshot = self._stats()
-        self.sock.sendall(wire.outputs(handles, outs, kind, start_ns, seconds, snapshot))
+        self.sock.sendall(wire.outputs(handles, outs, kind, start_ns, seconds, snapshot,
+                                       self._stalled, gap_s))
+        self._stalled = 0.0
         self._ahead += 1
 
     def _stats(self) -> EngineStats:

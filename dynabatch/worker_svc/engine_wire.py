@@ -10,7 +10,9 @@ ever decoded as protobuf).
 Frames: a 4-byte little-endian length, then the payload; the payload's first byte is its type.
   parent -> engine  ADD (handle, WorkItem bytes), ABORT (handle), ABORT_ALL, CREDIT (n OUTPUTS
                     frames taken in: the engine runs at most MAX_AHEAD frames ahead)
-  engine -> parent  READY (stats), OUTPUTS (rows; step timing when a step ran; stats when due),
+  engine -> parent  READY (stats), OUTPUTS (rows; step timing when a step ran, and how long the
+                    engine waited for credits before it and how long it spent between it and
+                    the step before when back to back; stats when due),
                     ADD_ERROR (handle, message)
 Handles are the parent's int32 ids for one attempt at a request: a stale row (an attempt the
 parent already dropped) can never be mistaken for a newer attempt with the same request id.
@@ -38,8 +40,9 @@ FINISH_NAMES = (None, "stop", "length", "abort")
 
 _LEN = struct.Struct("<I")
 _HANDLE = struct.Struct("<i")
-# kind, rows, tokens, has_stats, step start (unix ns), step seconds
-_OUT_HEAD = struct.Struct("<BIIBqd")
+# kind, rows, tokens, has_stats, step start (unix ns), step seconds, credit wait before it (s),
+# time since the previous step's end if back to back (s)
+_OUT_HEAD = struct.Struct("<BIIBqddd")
 _STATS = struct.Struct("<9q3d")
 _INT_ROWS = array("i").itemsize
 assert _INT_ROWS == 4
@@ -123,11 +126,15 @@ def add_error_message(payload: bytes) -> str:
 
 
 def outputs(handles: list[int], outs: list[TokenOutput], kind: str = "", start_ns: int = 0,
-            seconds: float = 0.0, stats: EngineStats | None = None) -> bytes:
-    """Rows for `outs` (handles[i] is outs[i]'s handle, -1 if unknown); kind "" = no step ran."""
+            seconds: float = 0.0, stats: EngineStats | None = None,
+            stalled_s: float = 0.0, gap_s: float = 0.0) -> bytes:
+    """Rows for `outs` (handles[i] is outs[i]'s handle, -1 if unknown); kind "" = no step ran.
+    `stalled_s`: how long the engine, with work to do, waited for credits since its last frame;
+    `gap_s`: the time from the previous step's end to this step's start when the engine had
+    work all along (its loop's own time between steps, plus any stall)."""
     tokens = array("i", [t for o in outs for t in o.token_ids])
     head = _OUT_HEAD.pack(STEP_KINDS.index(kind), len(outs), len(tokens), stats is not None,
-                          start_ns, seconds)
+                          start_ns, seconds, stalled_s, gap_s)
     return frame(b"".join((
         OUTPUTS, head, array("i", handles).tobytes(),
         array("i", [o.offset for o in outs]).tobytes(),
@@ -148,13 +155,16 @@ class Rows:
     finish: bytes
     tokens: array
     stats: EngineStats | None
+    stalled_s: float = 0.0
+    gap_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.handles)
 
 
 def rows(payload: bytes) -> Rows:
-    kind, n, ntok, has_stats, start_ns, seconds = _OUT_HEAD.unpack_from(payload, 1)
+    kind, n, ntok, has_stats, start_ns, seconds, stalled_s, gap_s = _OUT_HEAD.unpack_from(payload,
+                                                                                          1)
     pos = 1 + _OUT_HEAD.size
 
     def ints(count: int) -> array:
@@ -168,4 +178,5 @@ def rows(payload: bytes) -> Rows:
     pos += n
     tokens = ints(ntok)
     stats = _stats_from(payload, pos) if has_stats else None
-    return Rows(STEP_KINDS[kind], start_ns, seconds, handles, offsets, counts, finish, tokens, stats)
+    return Rows(STEP_KINDS[kind], start_ns, seconds, handles, offsets, counts, finish, tokens, stats,
+                stalled_s, gap_s)

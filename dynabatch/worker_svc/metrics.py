@@ -24,6 +24,13 @@ class WorkerMetrics:
                                       unit="seconds", buckets=STEP_BUCKETS, registry=r)
         self.batch_size = Histogram("dynabatch_worker_batch_size", "Requests with an output (tokens "
                                     "or their end) in a step", buckets=BATCH_BUCKETS, registry=r)
+        self.engine_stalled = Counter("dynabatch_worker_engine_stalled", "Time the engine "
+                                      "process, with work to do, waited for this process to take "
+                                      "its outputs in (MAX_AHEAD steps ahead): the serving side "
+                                      "set the pace", unit="seconds", registry=r)
+        self.engine_gaps = Counter("dynabatch_worker_engine_gap", "Time between back-to-back "
+                                   "engine steps (the engine process's loop, plus any stall)",
+                                   unit="seconds", registry=r)
         self.output_tokens = Counter("dynabatch_worker_output_tokens", "Tokens generated",
                                      registry=r)
         self.tokens_per_s = MeasuredGauge("dynabatch_worker_output_tokens_per_second", "Tokens "

@@ -33,13 +33,15 @@ def test_frames_survive_any_cut_of_the_stream() -> None:
                         preemptions=0)
     outs = [TokenOutput("a", [5], 3), TokenOutput("b", [], 0, "abort"),
             TokenOutput("c", [7, 8, 9], 10, "length")]
-    stream = wire.outputs([1, 2, -1], outs, "decode", 123, 0.004, stats) + wire.add(9, b"xyz")
+    stream = (wire.outputs([1, 2, -1], outs, "decode", 123, 0.004, stats, stalled_s=0.002)
+              + wire.add(9, b"xyz"))
     for cut in range(1, len(stream)):
         reader = wire.FrameReader()
         frames = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
         assert len(frames) == 2
     rows = wire.rows(frames[0])
     assert (rows.kind, rows.start_ns, rows.seconds, rows.stats) == ("decode", 123, 0.004, stats)
+    assert rows.stalled_s == 0.002
     assert list(rows.handles) == [1, 2, -1] and list(rows.offsets) == [3, 0, 10]
     assert list(rows.counts) == [1, 0, 3] and list(rows.tokens) == [5, 7, 8, 9]
     assert [wire.FINISH_NAMES[f] for f in rows.finish] == [None, "abort", "length"]
@@ -110,6 +112,36 @@ def test_abort_ends_a_request_and_spares_the_others() -> None:
     got = asyncio.run(_abort())
     assert got[1][-1] == "abort" and 0 < len(got[1]) - 1 < 10_000
     assert got[2] == [(3 + i) % 256 for i in range(20)] + ["length"]
+
+
+async def _stall() -> tuple[int, float, float]:
+    """A model-free engine outruns a parent that takes nothing for 0.3 s."""
+    engine = EngineProcess(EngineSpec("fake", "m", {}))
+    await engine.start()
+    try:
+        engine.add(1, _item("a", 100_000))
+        await asyncio.sleep(0.3)
+        sent = sum(f[:1] == wire.OUTPUTS for f in engine.take())    # credits go back here
+        stalled = gaps = 0.0
+        for _ in range(100):
+            await engine.wait(None, 1)
+            rows = [wire.rows(f) for f in engine.take() if f[:1] == wire.OUTPUTS]
+            stalled += sum(r.stalled_s for r in rows)
+            gaps += sum(r.gap_s for r in rows)
+            if stalled:
+                break
+        return sent, stalled, gaps
+    finally:
+        await engine.close()
+
+
+def test_engine_waits_for_credits_and_says_for_how_long() -> None:
+    """It runs at most MAX_AHEAD frames ahead of what the parent took in, then waits; the
+    frame after the wait carries its length (the worker's engine_stalled metric), which is part
+    of the gap between that step and the one before."""
+    sent, stalled, gaps = asyncio.run(_stall())
+    assert sent == wire.MAX_AHEAD
+    assert 0.1 < stalled < 1.5 and gaps >= stalled
 
 
 async def _crash() -> tuple[EngineDied, float]:
