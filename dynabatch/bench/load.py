@@ -28,21 +28,8 @@ import time
 from collections.abc import Callable
 
 from dynabatch.bench import h2load
+from dynabatch.bench.procs import tree_cpu_seconds
 from dynabatch.client import AsyncDynabatchClient, DynabatchError, ResourceExhausted
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds of `pid` and of its live descendants (a worker may run its engine in a child
-    process: that is stack CPU too)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        children = [int(c) for task in os.listdir(f"/proc/{pid}/task")
-                    for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0                  # exited meanwhile
-    return ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            + sum(map(_cpu_s, children)))
 
 
 async def _serve(workers: int, max_running: int, port: int) -> None:
@@ -153,14 +140,14 @@ def phase(target: str, pids: list[int], name: str, seconds: float, procs: int, c
     stacks' request counters (summed): their change over the phase is reported, and with
     h2load checked against what h2load saw."""
     c0 = counters() if counters else None
-    cpu0, t0 = sum(map(_cpu_s, pids)), time.monotonic()
+    cpu0, t0 = sum(map(tree_cpu_seconds, pids)), time.monotonic()
     if driver == "h2load":
         # one h2load thread per client process, all of them in one h2load
         concurrency, channels = concurrency * procs, channels * procs
         total = h2load.run(target, seconds, concurrency, max_tokens, channels, procs)
     else:
         total = _sdk(target, seconds, procs, concurrency, max_tokens, channels)
-    wall, cpu = time.monotonic() - t0, sum(map(_cpu_s, pids)) - cpu0
+    wall, cpu = time.monotonic() - t0, sum(map(tree_cpu_seconds, pids)) - cpu0
     server = None
     if counters and c0 is not None:
         c1 = counters()

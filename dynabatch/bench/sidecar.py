@@ -79,7 +79,7 @@ async def _stack(a: argparse.Namespace):
     async with procs.worker(a.redis_url, prefix, a.model, a.device, a.max_running) as worker, \
             procs.scheduler(a.redis_url, prefix, a.model, "fcfs",
                             [f"max_num_seqs={a.max_running}"]) as sched:
-        yield sched.health, worker.metrics_url
+        yield sched, worker
     procs.drop_keys(a.redis_url, prefix)
 
 
@@ -113,12 +113,24 @@ def run(a: argparse.Namespace) -> dict:
                                        60.0, a.vocab, a.seed)
 
     async def through_stack() -> tuple[dict, dict]:
-        async with _stack(a) as (target, metrics_url):
+        async with _stack(a) as (sched, worker):
+            target, metrics_url = sched.health, worker.metrics_url
+
+            def cpu() -> dict[str, float]:
+                """CPU seconds so far: scheduler, worker (serving), engine, Redis excluded."""
+                engine = sum(map(procs.tree_cpu_seconds, procs.children(worker.proc.pid)))
+                return {"scheduler": procs.cpu_seconds(sched.proc.pid),
+                        "worker_serving": procs.cpu_seconds(worker.proc.pid), "engine": engine}
+
             async def measured(trace: Trace) -> dict:
                 before = await asyncio.to_thread(procs.step_totals, metrics_url)
+                cpu0, t0 = cpu(), time.perf_counter()
                 run = await clients(trace, target)
+                wall, cpu1 = time.perf_counter() - t0, cpu()
                 after = await asyncio.to_thread(procs.step_totals, metrics_url)
                 run.meta["engine_steps"] = procs.step_delta(before, after)
+                # cores each process kept busy over the run: one near 1.0 set the pace
+                run.meta["cpu_cores"] = {k: round((cpu1[k] - cpu0[k]) / wall, 3) for k in cpu1}
                 return _summary(run)
             await replay(offline_trace(min(8, a.requests), a.prompt, 8), target)    # warm-up
             return await measured(offline), await measured(moderate)
@@ -171,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in res["runs"].items():
         print(f"  {name:16s} engine steps: " + ", ".join(
             f"{k} {v['steps']} x {v['mean_ms']} ms" if v["steps"] else f"{k} {v['seconds']} s"
-            for k, v in r["meta"]["engine_steps"].items()))
+            for k, v in r["meta"]["engine_steps"].items())
+            + (f"; CPU cores {r['meta']['cpu_cores']}" if "cpu_cores" in r["meta"] else ""))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")

@@ -57,24 +57,9 @@ def _row(path: str, wall: float, steps: int, tokens: int, cpu_s: float,
             "engine_proc_cpu_ms_per_step": round(engine_cpu_s * per, 4)}
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
 def _worker_cpu(pid: int) -> tuple[float, float]:
     """(the worker process, its child processes) CPU seconds so far."""
-    return _cpu_s(pid), sum(_cpu_s(c) for c in _children(pid))
+    return procs.cpu_seconds(pid), sum(map(procs.tree_cpu_seconds, procs.children(pid)))
 
 
 def _item(i: int, a: argparse.Namespace, run: int) -> WorkItem:

@@ -34,4 +34,9 @@ def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: i
         steps = run["meta"]["engine_steps"]
         assert 1 <= steps["prefill"]["steps"] <= 6 and steps["decode"]["steps"] >= 3, name
         assert steps["decode"]["seconds"] > 0 and steps["decode"]["mean_ms"] > 0, name
+        if name.startswith("stack"):     # from the worker's metrics and the processes' CPU
+            assert steps["stalled"]["seconds"] >= 0 and steps["gaps"]["seconds"] > 0, name
+            cores = run["meta"]["cpu_cores"]
+            assert set(cores) == {"scheduler", "worker_serving", "engine"}, name
+            assert cores["scheduler"] > 0 and cores["engine"] > 0, name
     assert set(res["added_at_moderate_load"]) == {"ttft_ms", "tpot_ms"}
