@@ -1,9 +1,11 @@
 """Shared fixtures: tiny random checkpoints saved to disk, loaded through from_pretrained."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -42,3 +44,20 @@ def _one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def needs_cuda(fn):
+    """A CUDA-only test: marked gpu, skipped without CUDA."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    return pytest.mark.gpu(skip(fn))
+
+
+def interpreted_module(name: str) -> ModuleType:
+    """dynabatch.worker_svc.engine.<name> with its Triton kernels in the interpreter (CPU
+    tensors); skips the test when triton was imported without TRITON_INTERPRET=1."""
+    import triton.language.standard as std
+
+    if type(std.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 (CUDA present, or imported "
+                    "before tests/engine/conftest.py set it)")
+    return importlib.import_module(f"dynabatch.worker_svc.engine.{name}")

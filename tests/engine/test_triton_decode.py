@@ -16,24 +16,15 @@ from dynabatch.worker_svc.engine.attention import PagedMetadata, reference_paged
 
 triton = pytest.importorskip("triton")
 
+from engine.conftest import interpreted_module, needs_cuda  # noqa: E402
+
 CTX = [1, 5, 16, 17, 65, 150]
-
-
-def needs_cuda(fn):
-    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    return pytest.mark.gpu(skip(fn))
 
 
 @pytest.fixture(scope="module")
 def interpreted() -> ModuleType:
-    """triton_decode with its kernels in the interpreter (CPU tensors)."""
-    import triton.language.standard as std
-
-    if type(std.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 (CUDA present, or imported "
-                    "before tests/engine/conftest.py set it)")
-    from dynabatch.worker_svc.engine import triton_decode
-    return triton_decode
+    """triton_decode with its kernel(s) in the interpreter (CPU tensors)."""
+    return interpreted_module("triton_decode")
 
 
 def _case(ctx: list[int], heads: int, kv_heads: int, dim: int, block: int, device: str,

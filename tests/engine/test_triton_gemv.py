@@ -20,26 +20,17 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 triton = pytest.importorskip("triton")
 
+from engine.conftest import interpreted_module, needs_cuda  # noqa: E402
+
 SHAPES = [(64, 40), (100, 37), (96, 50)]      # (K, N): K and N off the block sizes below
 BF16_TOL = dict(rtol=1e-2, atol=1e-2)          # outputs ~N(0, 1), rounded to bf16
 FP16_TOL = dict(rtol=2e-3, atol=2e-3)
 
 
-def needs_cuda(fn):
-    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    return pytest.mark.gpu(skip(fn))
-
-
 @pytest.fixture(scope="module")
 def interpreted() -> ModuleType:
-    """triton_gemv with its kernel in the interpreter (CPU tensors)."""
-    import triton.language.standard as std
-
-    if type(std.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 (CUDA present, or imported "
-                    "before TRITON_INTERPRET was set)")
-    from dynabatch.worker_svc.engine import triton_gemv
-    return triton_gemv
+    """triton_gemv with its kernel(s) in the interpreter (CPU tensors)."""
+    return interpreted_module("triton_gemv")
 
 
 def _case(m: int, k: int, n: int, dtype: torch.dtype, bias: bool, device: str = "cpu",
