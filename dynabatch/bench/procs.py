@@ -113,9 +113,11 @@ def _common(redis_url: str, prefix: str) -> list[str]:
 
 
 def scheduler(redis_url: str, prefix: str, model: str, policy: str,
-              policy_opts: list[str] = ()) -> Child:
-    """`dynabatch scheduler`; its gRPC address is `child.health` (health shares the port)."""
-    addr = f"127.0.0.1:{free_port()}"
+              policy_opts: list[str] = (), listen: str | None = None) -> Child:
+    """`dynabatch scheduler`; its gRPC address is `child.health` (health shares the port).
+    `listen`: an address another scheduler already serves (gRPC servers set SO_REUSEPORT, so
+    the kernel spreads new connections over the processes on one port)."""
+    addr = listen or f"127.0.0.1:{free_port()}"
     opts = [x for o in policy_opts for x in ("--policy-opt", o)]
     return Child(f"scheduler ({policy})", ["scheduler", *_common(redis_url, prefix), "--listen",
                                            addr, "--model", model, "--policy", policy, *opts],

@@ -74,12 +74,18 @@ def drive_direct(engine, trace: Trace, vocab: int, seed: int) -> RunResult:
 
 @contextlib.asynccontextmanager
 async def _stack(a: argparse.Namespace):
-    """Scheduler (fcfs, as many slots as the worker) and worker as separate processes."""
+    """--schedulers scheduler processes on one port (fcfs, as many slots as the worker) and the
+    worker, as separate processes."""
     prefix = f"dynabatch-sidecar-{os.getpid()}:"
-    async with procs.worker(a.redis_url, prefix, a.model, a.device, a.max_running) as worker, \
-            procs.scheduler(a.redis_url, prefix, a.model, "fcfs",
-                            [f"max_num_seqs={a.max_running}"]) as sched:
-        yield sched, worker
+    async with contextlib.AsyncExitStack() as stack:
+        worker = await stack.enter_async_context(
+            procs.worker(a.redis_url, prefix, a.model, a.device, a.max_running))
+        scheds = []
+        for _ in range(a.schedulers):
+            scheds.append(await stack.enter_async_context(procs.scheduler(
+                a.redis_url, prefix, a.model, "fcfs", [f"max_num_seqs={a.max_running}"],
+                listen=scheds[0].health if scheds else None)))
+        yield scheds, worker
     procs.drop_keys(a.redis_url, prefix)
 
 
@@ -113,14 +119,16 @@ def run(a: argparse.Namespace) -> dict:
                                        60.0, a.vocab, a.seed)
 
     async def through_stack() -> tuple[dict, dict]:
-        async with _stack(a) as (sched, worker):
-            target, metrics_url = sched.health, worker.metrics_url
+        async with _stack(a) as (scheds, worker):
+            target, metrics_url = scheds[0].health, worker.metrics_url
 
             def cpu() -> dict[str, float]:
-                """CPU seconds so far: scheduler, worker (serving), engine, Redis excluded."""
+                """CPU seconds so far: each scheduler, worker (serving), engine; not Redis."""
                 engine = sum(map(procs.tree_cpu_seconds, procs.children(worker.proc.pid)))
-                return {"scheduler": procs.cpu_seconds(sched.proc.pid),
-                        "worker_serving": procs.cpu_seconds(worker.proc.pid), "engine": engine}
+                out = {f"scheduler{i or ''}": procs.cpu_seconds(s.proc.pid)
+                       for i, s in enumerate(scheds)}
+                return out | {"worker_serving": procs.cpu_seconds(worker.proc.pid),
+                              "engine": engine}
 
             async def measured(trace: Trace) -> dict:
                 before = await asyncio.to_thread(procs.step_totals, metrics_url)
@@ -139,7 +147,7 @@ def run(a: argparse.Namespace) -> dict:
         "what": "sidecar cost: engine in-process vs client->gRPC->scheduler->Redis->worker",
         "machine": _machine(a.device), "model": a.model, "requests": a.requests,
         "prompt": a.prompt, "output": a.output, "moderate_rps": round(rate, 3),
-        "client_processes": a.client_procs,
+        "client_processes": a.client_procs, "schedulers": a.schedulers,
         "throughput_ratio": round(stack_off["output_tok_s"] / direct_off["output_tok_s"], 4),
         "added_at_moderate_load": _added(direct_mod, stack_mod),
         "runs": {"direct_offline": direct_off, "stack_offline": stack_off,
@@ -168,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=int, default=256)
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--load", type=float, default=0.5, help="moderate load, x offline req/s")
+    p.add_argument("--schedulers", type=int, default=1,
+                   help="scheduler processes sharing the gRPC port and the Redis queue")
     p.add_argument("--client-procs", type=int, default=1,
                    help="client processes the whole path's requests are dealt to (one Python "
                         "process receiving every stream can set the pace itself)")

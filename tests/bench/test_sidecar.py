@@ -11,14 +11,17 @@ import pytest
 from dynabatch.bench import sidecar
 
 
-@pytest.mark.parametrize("client_procs", [1, 2])
-def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: int) -> None:
+@pytest.mark.parametrize("client_procs,schedulers", [(1, 1), (2, 2)])
+def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: int,
+                                 schedulers: int) -> None:
     """With 2 client processes the requests are dealt between them and merged back: every
-    request is there once, with its own times on the shared clock."""
+    request is there once, with its own times on the shared clock; with 2 schedulers on one
+    port both serve (each counted in the CPU figures)."""
     out = tmp_path / "sidecar.json"
     assert sidecar.main(["--device", "cpu", "--requests", "6", "--prompt", "8", "--output", "4",
                          "--max-running", "8", "--redis-url", redis_url, "--out", str(out),
-                         "--client-procs", str(client_procs)]) == 0
+                         "--client-procs", str(client_procs),
+                         "--schedulers", str(schedulers)]) == 0
     res = json.loads(out.read_text())
     assert res["client_processes"] == client_procs
     stack = res["runs"]["stack_offline"]["raw"]
@@ -37,6 +40,7 @@ def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: i
         if name.startswith("stack"):     # from the worker's metrics and the processes' CPU
             assert steps["stalled"]["seconds"] >= 0 and steps["gaps"]["seconds"] > 0, name
             cores = run["meta"]["cpu_cores"]
-            assert set(cores) == {"scheduler", "worker_serving", "engine"}, name
+            want = {"scheduler", "scheduler1"} if schedulers == 2 else {"scheduler"}
+            assert set(cores) == want | {"worker_serving", "engine"}, name
             assert cores["scheduler"] > 0 and cores["engine"] > 0, name
     assert set(res["added_at_moderate_load"]) == {"ttft_ms", "tpot_ms"}
