@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"memory: {mem}")
     stats, startup_s, dtype = engine.stats(), engine.startup_s, engine.kv.data.dtype
     compiled = engine.runner.compiled
-    compiled_prefill = getattr(engine.runner._prefill_forward, "compiled", False)
+    compiled_prefill = engine.runner.compiled_prefill
     del engine, roof
     gc.collect()
     if gpu:

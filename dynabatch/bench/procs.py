@@ -148,20 +148,17 @@ def step_totals(metrics_url: str) -> dict[str, dict[str, float]]:
     from prometheus_client.parser import text_string_to_metric_families
     with urlopen(metrics_url, timeout=5) as resp:
         text = resp.read().decode()
+    step = "dynabatch_worker_step_duration_seconds"
+    waits = {"dynabatch_worker_engine_stalled_seconds_total": "stalled",
+             "dynabatch_worker_engine_gap_seconds_total": "gaps"}
     out: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "dynabatch_worker_engine_stalled_seconds_total":
-                out["stalled"] = {"seconds": sample.value}
-            if sample.name == "dynabatch_worker_engine_gap_seconds_total":
-                out["gaps"] = {"seconds": sample.value}
-        if family.name != "dynabatch_worker_step_duration_seconds":
-            continue
-        for sample in family.samples:
-            field = {"_count": "steps", "_sum": "seconds"}.get(
-                sample.name.removeprefix(family.name))
+            field = {step + "_count": "steps", step + "_sum": "seconds"}.get(sample.name)
             if field:
                 out.setdefault(sample.labels["kind"], {})[field] = sample.value
+            elif sample.name in waits:
+                out[waits[sample.name]] = {"seconds": sample.value}
     return out
 
 

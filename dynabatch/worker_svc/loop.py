@@ -252,12 +252,7 @@ class WorkerLoop:
         side's per-step cost)."""
         if rows.stats is not None:
             self.engine.stats = rows.stats
-        if rows.kind:
-            self.metrics.step(rows.kind, len(rows), len(rows.tokens), rows.seconds)
-        if rows.stalled_s:
-            self.metrics.engine_stalled.inc(rows.stalled_s)
-        if rows.gap_s:
-            self.metrics.engine_gaps.inc(rows.gap_s)
+        self.metrics.frame(rows)
         if self.tracing is not None and rows.kind:
             outputs = [TokenOutput(rid, [], 0) for h in rows.handles
                        if (rid := self._live.get(h)) is not None]

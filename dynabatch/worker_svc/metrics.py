@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dynabatch.v1.worker_pb2 import WorkerFeedback
 from dynabatch.wire.telemetry import MeasuredGauge
+from dynabatch.worker_svc.engine_wire import Rows
 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                 0.25, 0.5, 1.0, 2.5)
@@ -49,13 +50,20 @@ class WorkerMetrics:
         self._mark: tuple[float, int] | None = None     # (time, tokens) at the last heartbeat
         self._preempted = 0
 
-    def step(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
-        """One engine step: `rows` requests got an output (tokens or their end)."""
-        self.step_seconds.labels(kind).observe(seconds)
-        if rows:
-            self.batch_size.observe(rows)
-            self.output_tokens.inc(tokens)
-            self._tokens += tokens
+    def frame(self, rows: Rows) -> None:
+        """One OUTPUTS frame of the engine process: its step (when one ran; len(rows) requests
+        got an output, tokens or their end) and the engine's waits before it."""
+        if rows.stalled_s:
+            self.engine_stalled.inc(rows.stalled_s)
+        if rows.gap_s:
+            self.engine_gaps.inc(rows.gap_s)
+        if not rows.kind:
+            return
+        self.step_seconds.labels(rows.kind).observe(rows.seconds)
+        if len(rows):
+            self.batch_size.observe(len(rows))
+            self.output_tokens.inc(len(rows.tokens))
+            self._tokens += len(rows.tokens)
 
     def feedback(self, s: WorkerFeedback, now: float) -> None:
         self.kv_used.set(s.kv_blocks_used)

@@ -125,7 +125,8 @@ class LeanPrefill:
         """`rope`: compiled.static_rope_table's cos/sin per position (None: the model's rotary
         module computes them each step)."""
         base, config = model.base_model, model.config
-        self.embed, self.rotary, self.norm = base.embed_tokens, base.rotary_emb, base.norm
+        self.embed, self.rotary = base.embed_tokens, base.rotary_emb
+        self.norm_weight = base.norm.weight
         self.head = model.get_output_embeddings()
         attn = base.layers[0].self_attn
         shape = _Shape(config.num_attention_heads, config.num_key_value_heads, attn.head_dim,
@@ -134,7 +135,6 @@ class LeanPrefill:
         self.scale = attn.scaling
         self.rope = rope
         self.weights = [_weights(layer) for layer in base.layers]
-        self.norm_weight = self.norm.weight
         pieces = _pieces(shape)
         if compiled:
             pieces = tuple(torch.compile(f) for f in pieces)

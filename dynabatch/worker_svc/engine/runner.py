@@ -30,7 +30,8 @@ class ModelRunner:
         self.block_size = kv.block_size
         # Compiled decode: one dynamic-shape graph per layer serves every batch size >= 2.
         self.compiled = compile_decode
-        rope = static_rope_table(model, max_model_len) if compile_decode or compile_prefill else None
+        rope = (static_rope_table(model, max_model_len) if compile_decode or compile_prefill
+                else None)
         self._decode_forward = (compiled_decode_forward(model, rope) if compile_decode
                                 else self._forward)
         # Flash attention's variable-length form serves prefill on CUDA in 16-bit.
@@ -39,6 +40,7 @@ class ModelRunner:
         # (compiled in pieces between the attention calls with `compile_prefill`).
         self._prefill_forward = (LeanPrefill(model, compile_prefill, rope)
                                  if supports_lean_prefill(model) else self._forward)
+        self.compiled_prefill = compile_prefill and isinstance(self._prefill_forward, LeanPrefill)
         self.inputs = DecodeInputs(kv, device, max_running, max_running,
                                    -(-max_model_len // kv.block_size))
         self.graphs: DecodeGraphs | None = None
