@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode layers without torch.compile (default compiles them on CUDA)")
     p.add_argument("--eager-prefill", action="store_true",
                    help="prefill without torch.compile (default compiles its pieces on CUDA)")
+    p.add_argument("--no-prefill-graphs", action="store_true",
+                   help="run prefill steps unpadded (default replays graphs at bucketed token "
+                        "counts on CUDA)")
     p.add_argument("--kv-fraction", type=float, default=0.5,
                    help="share of free memory for the KV pool (leaves room for the baseline)")
     p.add_argument("--prefill-budget", type=int, default=8192)
@@ -224,7 +227,8 @@ def run(args: argparse.Namespace) -> int:
                           max_running=max(batches + [256 if gpu else 16]),
                           prefill_token_budget=args.prefill_budget,
                           compile_decode=False if args.eager_decode else None,
-                          compile_prefill=False if args.eager_prefill else None)
+                          compile_prefill=False if args.eager_prefill else None,
+                          prefill_graphs=not args.no_prefill_graphs)
     roof = Roofline(engine, bandwidth)
     print(f"{model} on {torch.cuda.get_device_name() if gpu else platform.processor() or 'cpu'}: "
           f"start-up {engine.startup_s:.1f} s, {engine.kv.num_blocks} KV blocks, weights "
@@ -267,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
     stats, startup_s, dtype = engine.stats(), engine.startup_s, engine.kv.data.dtype
     compiled = engine.runner.compiled
     compiled_prefill = engine.runner.compiled_prefill
+    prefill_graphs = engine.runner.prefill_graphs is not None
     del engine, roof
     gc.collect()
     if gpu:
@@ -285,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
         "model": model, "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(), "compile_decode": compiled,
         "compile_prefill": compiled_prefill,
+        "prefill_graphs": prefill_graphs,
         "startup_s": round(startup_s, 2),
         "kv_block_size": stats.kv_block_size, "kv_blocks_total": stats.kv_blocks_total,
         "max_running": stats.max_running, "max_model_len": stats.max_model_len,

@@ -26,7 +26,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
                  num_kv_blocks: int | None = None, kv_fraction: float = 0.9,
                  block_size: int = 16, max_running: int = 256, prefill_token_budget: int = 8192,
                  cuda_graphs: bool = True, compile_decode: bool | None = None,
-                 compile_prefill: bool | None = None, seed: int = 0) -> "PagedEngine":
+                 compile_prefill: bool | None = None, prefill_graphs: bool = True,
+                 seed: int = 0) -> "PagedEngine":
     """Load `model` (named shape or from_pretrained path), size the KV pool, capture graphs.
 
     On CUDA without `num_kv_blocks`, the pool takes `kv_fraction` of the memory still free once
@@ -34,7 +35,9 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     the decoder layers of decode steps through torch.compile (faster steps; adds ~10 s to
     start-up on an H200). `compile_prefill` (same default) compiles the lean prefill forward
     in pieces between its attention calls (prefill.py: a few kernels per layer instead of ~25,
-    for steps whose token count changes every time). The returned engine's `startup_s` is the
+    for steps whose token count changes every time). `prefill_graphs` (with `cuda_graphs`, on
+    CUDA) also replays prefill steps of up to 2048 tokens from graphs captured at bucketed
+    token counts (prefill_graphs.py). The returned engine's `startup_s` is the
     measured build time, warm-up compilation included.
     """
     import torch
@@ -63,7 +66,7 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
                          max_model_len=_full_attention_len(config, models.max_model_len(config)),
                          eos_token_ids=models.eos_token_ids(config), cuda_graphs=cuda_graphs,
                          compile_decode=compile_decode, compile_prefill=compile_prefill,
-                         seed=seed)
+                         prefill_graphs=prefill_graphs, seed=seed)
     engine.runner.capture()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

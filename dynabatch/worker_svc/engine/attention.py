@@ -6,7 +6,9 @@ extra keywords down to the attention function. Each layer's function writes the 
 into the cache (slot by slot), then attends over each sequence's whole context:
 
 * decode on CUDA: the Triton kernel in triton_decode.py (native GQA, reads only live blocks);
-* prefill on CUDA in 16-bit: one variable-length flash-attention call for the whole step
+* prefill steps replayed from CUDA graphs (prefill_graphs.py): the Triton kernel in
+  triton_prefill.py, which reads each context in place through the device block table;
+* other prefill on CUDA in 16-bit: one variable-length flash-attention call for the whole step
   (`VarlenPlan`: the chunks' queries packed, each attending to its whole context, causal
   aligned at the context's end), instead of one SDPA call per sequence;
 * otherwise (CPU, fp32): a pure-torch reference that gathers a sequence's blocks and calls SDPA
@@ -36,6 +38,15 @@ class VarlenPlan:
     # Each context token's rows in a layer's flat K/V (kv_rows), packed; None when every chunk
     # is a whole fresh prompt (the step's own K/V then are the contexts).
     ctx_rows: torch.Tensor | None
+
+
+@dataclass
+class PagedPlan:
+    """A prefill step's layout for the Triton paged kernel (triton_prefill.py), which reads
+    every context in place through the device block table; CUDA-graph safe."""
+    tiles: torch.Tensor                   # [2, NT]: (chunk, first query) per tile, -1 = none
+    seqs: torch.Tensor                    # [4, S]: query offset, query count, context, row
+    table: torch.Tensor                   # [R, W] int32, the device block table
 
 
 def varlen_plan(starts: list[int], ends: list[int], tables: list[np.ndarray], kv: torch.Tensor
@@ -93,6 +104,7 @@ class PagedMetadata:
     context_lens_host: list[int] = field(default_factory=list)
     seq_blocks: list[torch.Tensor] = field(default_factory=list)
     varlen: VarlenPlan | None = None
+    paged: PagedPlan | None = None
     write_rows: torch.Tensor | None = None    # prefill: kv_rows of the new tokens' slots
 
 
@@ -128,6 +140,11 @@ def prefill_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, meta: Paged
                       scale: float, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
     """A prefill step's attention (its K/V already written in `kv`'s `layer`):
     q [T, H, D] -> [T, H, D]."""
+    if meta.paged is not None:
+        from dynabatch.worker_svc.engine.triton_prefill import paged_prefill
+
+        p = meta.paged
+        return paged_prefill(q, kv[layer, 0], kv[layer, 1], p.tiles, p.seqs, p.table, scale)
     plan = meta.varlen
     if plan is None:
         return reference_paged_attention(q, kv[layer, 0], kv[layer, 1], meta, scale, k_new,

@@ -72,10 +72,11 @@ class DecodeInputs:
         h[self.ROW, :n] = [s.row for s in seqs]
         h[:2, n:padded] = 0
         h[self.ROW, n:padded] = self.null_row
-        self._stage_table(seqs)
+        self.stage_table(seqs)
         self.buf[:, :padded].copy_(host[:, :padded], non_blocking=True)
 
-    def _stage_table(self, seqs: list[Sequence]) -> None:
+    def stage_table(self, seqs: list[Sequence]) -> None:
+        """Copy the table entries the sequences gained since they were last staged."""
         updates = [(s.row, c, s.table.blocks[c]) for s in seqs
                    for c in range(s.synced, len(s.table.blocks))]
         if not updates:

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from dynabatch.worker_svc.engine.api import EngineStats, SequenceRequest, TokenOutput
 from dynabatch.worker_svc.engine.decode_inputs import HostBuffers
 from dynabatch.worker_svc.engine.kv_cache import KVCache
+from dynabatch.worker_svc.engine.prefill_graphs import MAX_TOKENS
 from dynabatch.worker_svc.engine.runner import ModelRunner
 from dynabatch.worker_svc.engine.sampler import RowSampling, Sampler
 from dynabatch.worker_svc.engine.scheduler import PrefillChunk, Scheduler
@@ -45,7 +46,7 @@ class PagedEngine:
     def __init__(self, model: PreTrainedModel, kv: KVCache, device: torch.device, *,
                  max_running: int, prefill_token_budget: int, max_model_len: int,
                  eos_token_ids: tuple[int, ...], cuda_graphs: bool, compile_decode: bool,
-                 compile_prefill: bool, seed: int) -> None:
+                 compile_prefill: bool, prefill_graphs: bool, seed: int) -> None:
         self.model = model
         self.kv = kv
         self.device = device
@@ -53,7 +54,8 @@ class PagedEngine:
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(kv, max_running, prefill_token_budget)
         self.runner = ModelRunner(model, kv, device, max_running, self.max_model_len, cuda_graphs,
-                                  compile_decode, compile_prefill)
+                                  compile_decode, compile_prefill,
+                                  min(prefill_token_budget, MAX_TOKENS) if prefill_graphs else 0)
         self.sampler = Sampler(device, seed)
         self._arrivals = itertools.count()
         self._pending: list[TokenOutput] = []

@@ -1,4 +1,5 @@
-"""Runs the model on packed token batches over the paged cache (eager prefill, graph decode)."""
+"""Runs the model on packed token batches over the paged cache (graph decode; prefill from
+graphs at bucketed token counts, or unpadded above them)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,8 @@ from dynabatch.worker_svc.engine.attention import PagedMetadata, kv_rows, varlen
 from dynabatch.worker_svc.engine.compiled import compiled_decode_forward, static_rope_table
 from dynabatch.worker_svc.engine.decode_inputs import DecodeInputs
 from dynabatch.worker_svc.engine.graphs import DecodeGraphs
-from dynabatch.worker_svc.engine.kv_cache import KVCache
+from dynabatch.worker_svc.engine.kv_cache import KVCache, kv_shape
+from dynabatch.worker_svc.engine.prefill_graphs import PrefillGraphs, supported
 from dynabatch.worker_svc.engine.prefill import LeanPrefill, supports_lean_prefill
 from dynabatch.worker_svc.engine.scheduler import PrefillChunk
 from dynabatch.worker_svc.engine.sequence import Sequence
@@ -23,7 +25,9 @@ _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, kv: KVCache, device: torch.device,
                  max_running: int, max_model_len: int, cuda_graphs: bool,
-                 compile_decode: bool, compile_prefill: bool) -> None:
+                 compile_decode: bool, compile_prefill: bool, prefill_graph_tokens: int) -> None:
+        """prefill_graph_tokens > 0 (with cuda_graphs, on CUDA): prefill steps of up to that
+        many tokens replay CUDA graphs (prefill_graphs.py)."""
         self.model = model
         self.kv = kv
         self.device = device
@@ -47,24 +51,35 @@ class ModelRunner:
         if cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(self._decode_forward, self.inputs, max_running,
                                        min_batch=2 if compile_decode else 1)
+        self.prefill_graphs: PrefillGraphs | None = None
+        heads = model.config.num_attention_heads
+        if (self.graphs is not None and prefill_graph_tokens > 0
+                and supported(heads, *kv_shape(model.config))):
+            self.prefill_graphs = PrefillGraphs(self._prefill_forward, self.inputs, max_running,
+                                                prefill_graph_tokens)
 
     def capture(self) -> None:
-        """Start-up work: compile the prefill pieces, capture the decode graphs."""
+        """Start-up work: compile the prefill pieces, capture the prefill and decode graphs."""
         if isinstance(self._prefill_forward, LeanPrefill):
             self._prefill_forward.warm_up(self.device)
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.capture()
         if self.graphs is not None:
             self.graphs.capture()
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Runs the chunks; returns logits [n, V] for the chunks whose `wants_logits`."""
+        q_lens = [c.end - c.start for c in chunks]
+        ends = np.cumsum(q_lens)
+        keep = [int(e) - 1 for c, e in zip(chunks, ends) if c.wants_logits]
+        graphs = self.prefill_graphs
+        if graphs is not None and ends[-1] <= graphs.max_tokens:
+            return graphs.run(chunks, keep or [int(ends[-1]) - 1])[: len(keep)]
         bs = self.block_size
         tables = [np.asarray(c.seq.table.blocks, dtype=np.int64) for c in chunks]
         positions = [np.arange(c.start, c.end) for c in chunks]
         pos = np.concatenate(positions)
-        q_lens = [c.end - c.start for c in chunks]
-        ends = np.cumsum(q_lens)
-        keep = [int(e) - 1 for c, e in zip(chunks, ends) if c.wants_logits]
         meta = self._meta(decode=False)
         meta.write_blocks = self._tensor(np.concatenate(
             [t[p // bs] for t, p in zip(tables, positions)]))
