@@ -34,6 +34,18 @@ _SPLIT_BLOCK_N = 64       # tile (and chunk granularity) of the split kernel
 
 
 @triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc):
+    """Fold one tile of scores s [M, N] (log2 domain, -inf where masked) and its values v
+    [N, D] into the running max m_i, sum l_i [M] and unnormalised output acc [M, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_decode_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, wblk_ptr,
                          woff_ptr, table_ptr, ctx_ptr, qk_scale, num_heads,
                          stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
@@ -75,13 +87,8 @@ def _paged_decode_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_pt
         k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
     if SPLITS == 1:
         tl.store(o_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gmask[:, None])

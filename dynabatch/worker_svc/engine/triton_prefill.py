@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dynabatch.worker_svc.engine.triton_decode import online_softmax_step
+
 BLOCK_M = 16        # queries per tile (x GROUP query heads: the rows of one program)
 BLOCK_N = 64        # context tokens per inner step
 
@@ -66,13 +68,8 @@ def _paged_prefill_kernel(q_ptr, o_ptr, k_ptr, v_ptr, tiles_ptr, seqs_ptr, table
         k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(valid[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(o_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
