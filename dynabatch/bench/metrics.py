@@ -41,6 +41,12 @@ class RequestRecord:
     # Replay only: the first token as the scheduler relayed it (its Timings.ttft_ms), so the
     # client-side TTFT splits into queue, worker + queue transport, and relay-to-client.
     server_first_token_s: float = -1.0
+    # Replay only, from the server's wall-clock Timings (one machine, one clock): the request's
+    # arrival at the scheduler, the end of the engine step that made its first token, and that
+    # token relayed; each hop of the TTFT between the client's send and its receipt.
+    server_arrival_s: float = -1.0
+    first_step_end_s: float = -1.0
+    first_relayed_s: float = -1.0
 
     @property
     def ttft(self) -> float:
@@ -79,7 +85,7 @@ class RunResult:
 
 
 RECORD_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens", "queue_ms", "server_ttft_ms",
-                  "ttft_ms", "tpot_ms", "outcome")
+                  "ttft_ms", "tpot_ms", "outcome", "admit_ms", "first_step_ms", "relayed_ms")
 TIMELINE_COLUMNS = ("t", "running", "kv_used", "waiting", "worker_queue", "preemptions")
 
 
@@ -91,7 +97,9 @@ def raw_rows(result: RunResult) -> dict:
     reqs = [[round(r.arrival_s, 4), r.prompt_tokens, r.output_tokens,
              ms(r.arrival_s, r.assigned_s), ms(r.arrival_s, r.server_first_token_s),
              ms(r.arrival_s, r.first_token_s),
-             round(r.tpot * 1000, 3) if r.outcome is Outcome.OK else None, r.outcome.value]
+             round(r.tpot * 1000, 3) if r.outcome is Outcome.OK else None, r.outcome.value,
+             ms(r.arrival_s, r.server_arrival_s), ms(r.arrival_s, r.first_step_end_s),
+             ms(r.arrival_s, r.first_relayed_s)]
             for r in result.records]
     timeline = [[round(x.t, 3), x.running, round(x.kv_used, 4), x.waiting, x.worker_queue,
                  x.preemptions] for x in result.timeline]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dynabatch.bench.metrics import Outcome, RequestRecord, RunResult, TimelineSample, summarize
 from dynabatch.bench.traces import Trace
+from dynabatch.v1 import scheduler_pb2 as pb
 
 
 def prompt_ids(n: int, vocab: int, rng: random.Random) -> list[int]:
@@ -44,8 +45,7 @@ async def _one(client, rec: RequestRecord, t0: float, vocab: int, rng: random.Ra
             if delta.finish_reason:
                 rec.finish_s = now
                 if delta.HasField("timings"):
-                    rec.assigned_s = rec.arrival_s + delta.timings.queue_ms / 1000
-                    rec.server_first_token_s = rec.arrival_s + delta.timings.ttft_ms / 1000
+                    _server_times(rec, delta.timings, t0 + time.time() - loop.time())
         rec.output_tokens = received
         rec.outcome = Outcome.OK if received and rec.finish_s >= 0 else Outcome.FAILED
     except ResourceExhausted:
@@ -54,6 +54,17 @@ async def _one(client, rec: RequestRecord, t0: float, vocab: int, rng: random.Ra
         rec.outcome = Outcome.EXPIRED
     except DynabatchError:
         rec.outcome = Outcome.FAILED
+
+
+def _server_times(rec: RequestRecord, t: pb.Timings, wall_t0: float) -> None:
+    """The server's Timings on the record: its own intervals from the client's send, and its
+    wall-clock moments on the client's clock (`wall_t0`: the trace's time 0 as Unix seconds)."""
+    rec.assigned_s = rec.arrival_s + t.queue_ms / 1000
+    rec.server_first_token_s = rec.arrival_s + t.ttft_ms / 1000
+    at = lambda ns: ns / 1e9 - wall_t0 if ns else -1.0  # noqa: E731
+    rec.server_arrival_s = at(t.arrival_unix_ns)
+    rec.first_step_end_s = at(t.first_step_end_unix_ns)
+    rec.first_relayed_s = at(t.first_token_unix_ns)
 
 
 async def _poll(client, t0: float, period_s: float, out: list[TimelineSample],

@@ -40,7 +40,7 @@ class Relay:
             for batch in batches:
                 for delta in self._relay(batch, now):
                     try:
-                        await self.handle(delta, now)
+                        await self.handle(delta, now, batch.step_end_unix_ns)
                     except QueueError as e:   # the request stays; its client may time out
                         log.warning("relay: %s for %s", e, delta.request_id)
 
@@ -58,7 +58,7 @@ class Relay:
             tracked = live.get(delta.request_id)
             if tracked is None or delta.attempt != tracked.item.attempt:
                 continue              # ended meanwhile, or from a superseded run
-            new = tracked.add(delta.offset, delta.token_ids, now)
+            new = tracked.add(delta.offset, delta.token_ids, now, batch.step_end_unix_ns)
             if new < 0:
                 rest.append(delta)    # a gap: handle() fails the request
             elif per_delta:
@@ -68,7 +68,7 @@ class Relay:
         self.telemetry.relayed(added)
         return rest
 
-    async def handle(self, delta: TokenDelta, now: float) -> None:
+    async def handle(self, delta: TokenDelta, now: float, step_end_ns: int = 0) -> None:
         tracked = self.table.get(delta.request_id)
         if tracked is None or delta.attempt != tracked.item.attempt:
             return   # ended meanwhile (the worker has been told), or from a superseded run
@@ -82,7 +82,7 @@ class Relay:
         else:
             before = len(tracked.output)
             try:
-                tracked.accept(delta, now)
+                tracked.accept(delta, now, step_end_ns)
             except ValueError as e:      # tokens went missing on the way (a queue outage)
                 log.error("%s", e)
                 await self._end(delta.request_id, "failed",

@@ -37,6 +37,7 @@ class Tracked:
     worker_id: str | None = None
     assigned_at: float | None = None
     first_token_at: float | None = None
+    first_step_end_ns: int = 0                       # Unix ns: end of the first token's step
     last_token_at: float | None = None
     finish_reason: int = 0                           # FinishReason once finished
     final_timings: Timings | None = None
@@ -51,9 +52,9 @@ class Tracked:
     def finished(self) -> bool:
         return bool(self.finish_reason) or self.failure is not None
 
-    def accept(self, delta: TokenDelta, now: float) -> bool:
+    def accept(self, delta: TokenDelta, now: float, step_end_ns: int = 0) -> bool:
         """Add a worker's delta to the output; False if it brought nothing new."""
-        new = self._add(delta.offset, delta.token_ids, now)
+        new = self._add(delta.offset, delta.token_ids, now, step_end_ns)
         if new < 0:
             raise ValueError(f"gap in {self.item.request_id}: expected offset {len(self.output)}, "
                              f"got {delta.offset}")
@@ -66,15 +67,16 @@ class Tracked:
         self._notify()
         return True
 
-    def add(self, offset: int, token_ids, now: float) -> int:
+    def add(self, offset: int, token_ids, now: float, step_end_ns: int = 0) -> int:
         """Tokens from `offset` that do not end the request (the relay's common case): how many
-        were new, -1 on a gap (nothing added)."""
-        new = self._add(offset, token_ids, now)
+        were new, -1 on a gap (nothing added). `step_end_ns`: when the worker's step that made
+        them ended (TokenDeltaBatch.step_end_unix_ns)."""
+        new = self._add(offset, token_ids, now, step_end_ns)
         if new > 0:
             self._notify()
         return new
 
-    def _add(self, offset: int, token_ids, now: float) -> int:
+    def _add(self, offset: int, token_ids, now: float, step_end_ns: int = 0) -> int:
         skip = len(self.output) - offset
         if skip < 0:
             return -1
@@ -83,7 +85,7 @@ class Tracked:
             return 0
         self.output.extend(token_ids[skip:] if skip else token_ids)
         if self.first_token_at is None:
-            self.first_token_at = now
+            self.first_token_at, self.first_step_end_ns = now, step_end_ns
         self.last_token_at = now
         return new
 
@@ -147,10 +149,14 @@ class Tracked:
         n = len(self.output)
         first, last = self.first_token_at, self.last_token_at
         ms = lambda a, b: (b - a) * 1000 if a is not None and b is not None else 0.0  # noqa: E731
+        wall = time.time_ns() - round(time.monotonic() * 1e9)      # monotonic -> Unix ns
+        unix = lambda t: wall + round(t * 1e9) if t is not None else 0  # noqa: E731
         return Timings(queue_ms=ms(self.arrival, self.assigned_at), ttft_ms=ms(self.arrival, first),
                        tpot_ms=ms(first, last) / (n - 1) if n > 1 else 0.0,
                        total_ms=ms(self.arrival, last or now),
-                       prompt_tokens=len(self.item.prompt_token_ids), output_tokens=n)
+                       prompt_tokens=len(self.item.prompt_token_ids), output_tokens=n,
+                       arrival_unix_ns=unix(self.arrival), first_token_unix_ns=unix(first),
+                       first_step_end_unix_ns=self.first_step_end_ns)
 
 
 class RequestTable:

@@ -28,6 +28,12 @@ def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: i
     cols = stack["request_columns"]
     rows = [dict(zip(cols, r)) for r in stack["requests"]]
     assert all(0 <= r["arrival_s"] < 5 and r["ttft_ms"] > 0 for r in rows)
+    # the server's wall-clock hops, on the client's clock, in order: sent -> scheduler arrival
+    # -> the first token's engine step ended -> relayed -> received (1 ms of clock rounding)
+    assert all(-1 <= r["admit_ms"] <= r["first_step_ms"] + 1 <= r["relayed_ms"] + 2
+               <= r["ttft_ms"] + 3 for r in rows), rows
+    assert all(r["relayed_ms"] - r["admit_ms"] == pytest.approx(r["server_ttft_ms"], abs=1)
+               for r in rows)
     assert res["throughput_ratio"] > 0 and res["moderate_rps"] > 0
     for name, run in res["runs"].items():
         assert run["counts"]["ok"] == 6, name
