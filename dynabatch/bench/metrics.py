@@ -42,11 +42,13 @@ class RequestRecord:
     # client-side TTFT splits into queue, worker + queue transport, and relay-to-client.
     server_first_token_s: float = -1.0
     # Replay only, from the server's wall-clock Timings (one machine, one clock): the request's
-    # arrival at the scheduler, the end of the engine step that made its first token, and that
-    # token relayed; each hop of the TTFT between the client's send and its receipt.
+    # arrival at the scheduler, the end of the engine step that made its first token, that
+    # token relayed (each hop of the TTFT between the client's send and its receipt), and the
+    # last token relayed (the end of the request's stream in the scheduler).
     server_arrival_s: float = -1.0
     first_step_end_s: float = -1.0
     first_relayed_s: float = -1.0
+    last_relayed_s: float = -1.0
 
     @property
     def ttft(self) -> float:
@@ -85,7 +87,8 @@ class RunResult:
 
 
 RECORD_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens", "queue_ms", "server_ttft_ms",
-                  "ttft_ms", "tpot_ms", "outcome", "admit_ms", "first_step_ms", "relayed_ms")
+                  "ttft_ms", "tpot_ms", "outcome", "admit_ms", "first_step_ms", "relayed_ms",
+                  "last_relayed_ms", "finish_ms")
 TIMELINE_COLUMNS = ("t", "running", "kv_used", "waiting", "worker_queue", "preemptions")
 
 
@@ -99,7 +102,8 @@ def raw_rows(result: RunResult) -> dict:
              ms(r.arrival_s, r.first_token_s),
              round(r.tpot * 1000, 3) if r.outcome is Outcome.OK else None, r.outcome.value,
              ms(r.arrival_s, r.server_arrival_s), ms(r.arrival_s, r.first_step_end_s),
-             ms(r.arrival_s, r.first_relayed_s)]
+             ms(r.arrival_s, r.first_relayed_s), ms(r.arrival_s, r.last_relayed_s),
+             ms(r.arrival_s, r.finish_s)]
             for r in result.records]
     timeline = [[round(x.t, 3), x.running, round(x.kv_used, 4), x.waiting, x.worker_queue,
                  x.preemptions] for x in result.timeline]

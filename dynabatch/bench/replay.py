@@ -65,6 +65,8 @@ def _server_times(rec: RequestRecord, t: pb.Timings, wall_t0: float) -> None:
     rec.server_arrival_s = at(t.arrival_unix_ns)
     rec.first_step_end_s = at(t.first_step_end_unix_ns)
     rec.first_relayed_s = at(t.first_token_unix_ns)
+    if t.arrival_unix_ns:
+        rec.last_relayed_s = rec.server_arrival_s + t.total_ms / 1000
 
 
 async def _poll(client, t0: float, period_s: float, out: list[TimelineSample],

@@ -60,16 +60,29 @@ class BatchingLoop:
         self.models: dict[str, str] = {}         # worker id -> model it serves
         self.feedback: dict[str, WorkerFeedback] = {}   # worker id -> its last feedback
         self.backoff = Backoff()
+        self._timed = False              # the tick about to run was the timer's, not a wake's
+
+    def slot_freed(self) -> None:
+        """A request ended (or was cancelled): tick now only if one is waiting for the slot.
+        Otherwise the wake is useless, and the next arrival finds the loop in its tick spacing
+        instead of idle: up to `min_tick_s` of queue time for nothing."""
+        if self.last_waiting:
+            self.wake.set()
+
+    def _on_timer(self) -> None:
+        self._timed = True
+        self.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while not stop.is_set():
-            timer = loop.call_later(self.tick_s, self.wake.set)   # (wait_for costs a task)
+            timer = loop.call_later(self.tick_s, self._on_timer)   # (wait_for costs a task)
             try:
                 await self.wake.wait()
             finally:
                 timer.cancel()
             self.wake.clear()
+            timed, self._timed = self._timed, False
             started = time.monotonic()
             try:
                 await self.tick(time.time())
@@ -80,7 +93,9 @@ class BatchingLoop:
                 log.exception("batching tick failed")
                 await asyncio.sleep(0.1)
             # Under load wakes come faster than ticks: space them (bounded CPU, <= 2 ms delay).
-            await asyncio.sleep(max(0.0, self.min_tick_s - (time.monotonic() - started)))
+            # A periodic tick needs no spacing: the next wake, an arrival, may tick at once.
+            if not timed:
+                await asyncio.sleep(max(0.0, self.min_tick_s - (time.monotonic() - started)))
 
     async def tick(self, now: float) -> None:
         feedback = await self.queue.workers()

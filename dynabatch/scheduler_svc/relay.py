@@ -27,6 +27,7 @@ class Relay:
         self.telemetry = telemetry or batching.telemetry
         self.policy, self.batching = policy, batching
         self.backoff = Backoff()
+        self._ended: list[str] = []      # ended since the last read: forgotten in one write
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -43,6 +44,20 @@ class Relay:
                         await self.handle(delta, now, batch.step_end_unix_ns)
                     except QueueError as e:   # the request stays; its client may time out
                         log.warning("relay: %s for %s", e, delta.request_id)
+            await self._forget_ended()
+
+    async def _forget_ended(self) -> None:
+        """The queue forgets the requests that ended in this read, in one write: a step that
+        ends hundreds of requests must not cost a round trip each before the next is relayed
+        (their clients have their last message already)."""
+        if not self._ended:
+            return
+        ids, self._ended = self._ended, []
+        try:
+            await self.queue.finish(*ids)
+        except QueueError as e:       # tried again after the next read
+            self._ended[:0] = ids
+            log.warning("relay: could not forget %d ended requests yet: %s", len(ids), e)
 
     def _relay(self, batch: TokenDeltaBatch, now: float) -> list[TokenDelta]:
         """The common case in one pass, without a coroutine: tokens of live requests that do
@@ -128,5 +143,5 @@ class Relay:
 
     async def _end(self, request_id: str, outcome: str, failure: Failure | None = None) -> None:
         self.table.end(request_id, outcome, failure)
-        await self.queue.finish(request_id)
-        self.batching.wake.set()
+        self._ended.append(request_id)
+        self.batching.slot_freed()

@@ -47,6 +47,7 @@ class Tracked:
     streams: int = 0                                 # client streams following it now
     policy_view: tuple | None = None                 # (key, Assigned): batching's cache
     _listeners: set[asyncio.Event] = field(default_factory=set)
+    _pauses: set[asyncio.Future] = field(default_factory=set)   # streams between messages
 
     @property
     def finished(self) -> bool:
@@ -62,6 +63,7 @@ class Tracked:
         if final:
             self.finish_reason = delta.finish_reason
             self.final_timings = self.timings(now)
+            self._end_pauses()
         if not new and not final:
             return False
         self._notify()
@@ -91,16 +93,35 @@ class Tracked:
 
     def fail(self, failure: Failure) -> None:
         self.failure = failure
+        self._end_pauses()
         self._notify()
 
     def detach(self, why: Failure) -> None:
         """End the client streams (they may Resume), keep the request."""
         self.detached, self.detached_gen = why, self.detached_gen + 1
+        self._end_pauses()
         self._notify()
 
     def _notify(self) -> None:
         for event in self._listeners:
             event.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds` between two messages of a stream, or less if the request ends
+        meanwhile: its last message is never held back by the coalescing window."""
+        loop = asyncio.get_running_loop()
+        pause = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, pause)
+        self._pauses.add(pause)
+        try:
+            await pause
+        finally:
+            timer.cancel()
+            self._pauses.discard(pause)
+
+    def _end_pauses(self) -> None:
+        for pause in self._pauses:
+            _resolve(pause)
 
     async def follow(self, offset: int, tokenizer=None,
                      min_interval_s: float = 0.0) -> AsyncIterator[GenerateResponse | Failure]:
@@ -126,7 +147,7 @@ class Tracked:
                     if done:
                         return
                     if min_interval_s:
-                        await asyncio.sleep(min_interval_s)
+                        await self._pause(min_interval_s)
                     continue
                 if self.failure or self.detached_gen != gen:
                     yield self.failure or self.detached
@@ -157,6 +178,11 @@ class Tracked:
                        prompt_tokens=len(self.item.prompt_token_ids), output_tokens=n,
                        arrival_unix_ns=unix(self.arrival), first_token_unix_ns=unix(first),
                        first_step_end_unix_ns=self.first_step_end_ns)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class RequestTable:

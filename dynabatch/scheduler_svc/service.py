@@ -168,7 +168,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await self.queue.finish(request_id)
         except QueueError as e:
             log.warning("cancel %s: %s (the queue forgets it when its state is lost)", request_id, e)
-        self.batching.wake.set()
+        self.batching.slot_freed()
         log.info("cancelled %s (%s)", request_id, why)
         return True
 

@@ -84,8 +84,9 @@ class MemoryQueue:
         now = time.monotonic()
         return [WorkerFeedback.FromString(b) for exp, b in self._workers.values() if exp > now]
 
-    async def finish(self, request_id: str) -> None:
-        self._waiting.pop(request_id, None)
+    async def finish(self, *request_ids: str) -> None:
+        for rid in request_ids:
+            self._waiting.pop(rid, None)
 
     async def reclaim_dead(self) -> list[WorkItem]:
         now = time.monotonic()

@@ -7,7 +7,7 @@ Life of a request in the queue:
   worker     publish({sched: batch}) -> token deltas, one write per engine step
   scheduler  read_deltas(sched)      -> relays them to clients
   worker     ack(worker, ids)        -> finished on the worker
-  scheduler  finish(id)              -> forgotten
+  scheduler  finish(*ids)            -> forgotten
   scheduler  reclaim_dead()          -> items of workers whose heartbeat expired (re-queued)
 Values are checked on the way out (wire/codec.py): garbage is quarantined and skipped.
 Errors: QueueUnavailable (cannot reach the backend: retry with backoff), QueueError.
@@ -56,8 +56,8 @@ class Queue(Protocol):
     async def workers(self) -> list[WorkerFeedback]:
         """The latest feedback of every worker whose heartbeat has not expired."""
 
-    async def finish(self, request_id: str) -> None:
-        """Forget a request that has ended."""
+    async def finish(self, *request_ids: str) -> None:
+        """Forget requests that have ended (one queue write for all of them)."""
 
     async def reclaim_dead(self) -> list[WorkItem]:
         """Take what workers whose heartbeat expired still held (assigned, unfinished); each dead

@@ -243,9 +243,12 @@ class RedisQueue:
         return feedback
 
     @_guarded
-    async def finish(self, request_id: str) -> None:
-        self._items.pop(request_id, None)
-        await self.redis.delete(self._k("req", request_id))
+    async def finish(self, *request_ids: str) -> None:
+        if not request_ids:
+            return
+        for rid in request_ids:
+            self._items.pop(rid, None)
+        await self.redis.delete(*(self._k("req", rid) for rid in request_ids))
 
     @_guarded
     async def reclaim_dead(self) -> list[WorkItem]:
