@@ -179,3 +179,34 @@ def littles_law(result: RunResult) -> tuple[float, float]:
 
 def records_to_json(result: RunResult) -> list[dict]:
     return [asdict(r) | {"outcome": r.outcome.value} for r in result.records]
+
+
+
+def _span(start: float, end: float) -> float | None:
+    return end - start if start >= 0 and end >= 0 else None
+
+
+# Each hop of a streamed request on the whole path, from the replay's records (one clock). The
+# server's queue time is its own interval (Timings.queue_ms = assigned_s - arrival_s).
+HOPS = {"send->scheduler": lambda r: _span(r.arrival_s, r.server_arrival_s),
+        "scheduler->assigned": lambda r: _span(r.arrival_s, r.assigned_s),
+        "assigned->first step": lambda r: _span(r.server_arrival_s + (r.assigned_s - r.arrival_s),
+                                                r.first_step_end_s),
+        "first step->relayed": lambda r: _span(r.first_step_end_s, r.first_relayed_s),
+        "relayed->client": lambda r: _span(r.first_relayed_s, r.first_token_s),
+        "last relayed->client": lambda r: _span(r.last_relayed_s, r.finish_s)}
+
+
+def hops(result: RunResult) -> dict[str, dict[str, float]]:
+    """Where a whole-path run's TTFT (and its stream's end) went, hop by hop, in ms; {} when the
+    server sent no wall-clock Timings ("first step" = the end of the engine step that made the
+    first token)."""
+    done = [r for r in result.records if r.outcome is Outcome.OK and r.server_arrival_s >= 0
+            and r.assigned_s >= 0]
+    out = {}
+    for name, hop in HOPS.items():
+        vals = [v for v in map(hop, done) if v is not None]
+        if vals:
+            out[name] = {k: round(v, 3) for k, v in _pcts(vals).items()} | {
+                "max": round(max(vals) * 1000, 3)}
+    return out

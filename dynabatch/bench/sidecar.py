@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from dynabatch.bench import procs
-from dynabatch.bench.metrics import Outcome, RequestRecord, RunResult, raw_rows, summarize
+from dynabatch.bench.metrics import (Outcome, RequestRecord, RunResult, hops, raw_rows,
+                                     summarize)
 from dynabatch.bench.replay import prompt_ids, replay, replay_parallel
 from dynabatch.bench.traces import Trace, TraceRequest, poisson
 
@@ -92,8 +93,9 @@ async def _stack(a: argparse.Namespace):
 def _summary(run: RunResult) -> dict:
     """The run's summary plus every request as a row (queue time from the server's Timings on
     the whole path), so the added TTFT can be split after the fact. Its meta holds the engine's
-    steps by kind (count, total and mean time): how the two paths' step patterns differ."""
-    return summarize(run) | {"raw": raw_rows(run)}
+    steps by kind (count, total and mean time): how the two paths' step patterns differ. A
+    whole-path run also has its requests' hops (send -> scheduler -> ... -> client, ms)."""
+    return summarize(run) | {"raw": raw_rows(run)} | ({"hops_ms": h} if (h := hops(run)) else {})
 
 
 def _added(direct: dict, stack: dict) -> dict:
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {v['steps']} x {v['mean_ms']} ms" if v["steps"] else f"{k} {v['seconds']} s"
             for k, v in r["meta"]["engine_steps"].items())
             + (f"; CPU cores {r['meta']['cpu_cores']}" if "cpu_cores" in r["meta"] else ""))
+        for hop, q in r.get("hops_ms", {}).items():
+            print(f"    {hop:22s} p50 {q['p50']:8.2f}  p99 {q['p99']:8.2f}  max {q['max']:8.2f} ms")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")

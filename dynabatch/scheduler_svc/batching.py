@@ -98,13 +98,14 @@ class BatchingLoop:
                 await asyncio.sleep(max(0.0, self.min_tick_s - (time.monotonic() - started)))
 
     async def tick(self, now: float) -> None:
-        feedback = await self.queue.workers()
+        # The two reads are independent: one round trip of waiting, not two in a row.
+        feedback, waiting = await asyncio.gather(self.queue.workers(), self.queue.waiting())
         self.models = {fb.worker_id: fb.model for fb in feedback}
         self.feedback = {fb.worker_id: fb for fb in feedback}
         self.workers = [self._view(fb, now) for fb in feedback]
         for view in self.workers:        # the policy ignores feedback whose steps did not advance
             self.policy.observe(view, now)
-        items = {i.request_id: i for i in await self.queue.waiting()}
+        items = {i.request_id: i for i in waiting}
         self.waiting_count = len(items)
         self.last_waiting = [to_waiting(i) for i in items.values()]
         by_model: dict[str, list[Waiting]] = defaultdict(list)

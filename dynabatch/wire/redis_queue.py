@@ -134,7 +134,8 @@ class RedisQueue:
                 if not future.done():
                     future.set_exception(e)
         else:
-            for _, future in batch:
+            for item, future in batch:
+                self._items[item.request_id] = item   # waiting() need not read it back
                 if not future.done():
                     future.set_result(None)
 

@@ -50,3 +50,9 @@ def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: i
             assert set(cores) == want | {"worker_serving", "engine"}, name
             assert cores["scheduler"] > 0 and cores["engine"] > 0, name
     assert set(res["added_at_moderate_load"]) == {"ttft_ms", "tpot_ms"}
+    # the whole path's hops, in order, none negative beyond clock rounding; in-process has none
+    hop_names = list(res["runs"]["stack_offline"]["hops_ms"])
+    assert hop_names == ["send->scheduler", "scheduler->assigned", "assigned->first step",
+                         "first step->relayed", "relayed->client", "last relayed->client"]
+    assert all(q["p50"] >= -1 for q in res["runs"]["stack_offline"]["hops_ms"].values())
+    assert "hops_ms" not in res["runs"]["direct_offline"]
