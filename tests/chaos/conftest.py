@@ -216,8 +216,12 @@ async def redis_stack(redis_url, prefix):
     """An in-process scheduler on the shared Redis (own key prefix, purged after), no workers:
     the test starts worker processes itself."""
     from dynabatch.cli.stack import LocalStack, StackConfig
+    from dynabatch.scheduler_svc.policy import PolicyConfig
+    # A lenient TTFT target: these tests count losses, and admission control (tested on its
+    # own) must not turn a request away because the measured service rate says it would wait.
     stack = LocalStack(StackConfig(model=MODEL, engine="fake", workers=0, redis_url=redis_url,
-                                   redis_prefix=prefix))
+                                   redis_prefix=prefix,
+                                   policy_config=PolicyConfig(ttft_target_s=600)))
     async with stack:
         yield stack
     await purge(redis_url, prefix)

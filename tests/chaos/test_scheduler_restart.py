@@ -17,12 +17,16 @@ from dynabatch.client import AsyncDynabatchClient, Unavailable
 from .conftest import MODEL, Ledger, free_port, wait_for
 
 SID = "sched-chaos"
+# The default 2 s TTFT target would let admission control turn away the last of the second
+# wave (6 requests of 3 s each on 4 slots) once the restarted scheduler has measured the
+# service rate: right for serving, but not what this test is about (losing nothing).
+LENIENT = ("--policy-opt", "ttft_target_s=600")
 
 
 def start_scheduler(procs, redis_url: str, prefix: str, port: int):
     return procs.start("scheduler", "scheduler", "--redis-url", redis_url, "--redis-prefix", prefix,
                        "--listen", f"127.0.0.1:{port}", "--model", MODEL, "--scheduler-id", SID,
-                       "--drain-grace-s", "1.5")
+                       "--drain-grace-s", "1.5", *LENIENT)
 
 
 async def health(target: str) -> int | None:
