@@ -77,6 +77,7 @@ class RedisQueue:
         self._assign_script = self.redis.register_script(redis_scripts.ASSIGN)
         self._reclaim_script = self.redis.register_script(redis_scripts.RECLAIM)
         self._epoch_script = self.redis.register_script(redis_scripts.EPOCH)
+        self._workers_script = self.redis.register_script(redis_scripts.LIVE_WORKERS)
         self._items: dict[str, WorkItem] = {}       # parsed waiting items, by id
         self._out_last: dict[str, bytes] = {}       # scheduler -> last stream id read
         self._groups: set[str] = set()              # workers whose consumer group exists
@@ -226,19 +227,17 @@ class RedisQueue:
 
     @_guarded
     async def workers(self) -> list[WorkerFeedback]:
-        now_ms = int(time.time() * 1000)
-        ids = [i.decode(errors="replace")
-               for i in await self.redis.zrangebyscore(self._k("workers"), now_ms, "+inf")]
-        if not ids:
-            return []
-        raws = await self.redis.mget([self._k("worker", i) for i in ids])
+        """One round trip (the batching tick waits on it before every decision)."""
+        flat = await self._workers_script(keys=[self._k("workers")],
+                                          args=[self._k("worker", ""), int(time.time() * 1000)])
         feedback = []
-        for wid, raw in zip(ids, raws):
+        for raw_id, raw in zip(flat[::2], flat[1::2]):
             if raw is None:
                 continue
-            fb = await self._decoded(WorkerFeedback, raw, self._k("worker", wid))
+            key = self._k("worker", raw_id.decode(errors="replace"))
+            fb = await self._decoded(WorkerFeedback, raw, key)
             if fb is None:
-                await self.redis.delete(self._k("worker", wid))
+                await self.redis.delete(key)
             else:
                 feedback.append(fb)
         return feedback

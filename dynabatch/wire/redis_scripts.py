@@ -47,6 +47,18 @@ end
 return out
 """
 
+# The live workers' feedback in one round trip (a worker whose heartbeat expired is left out;
+# its key may still exist until RECLAIM deletes it). KEYS: workers zset. ARGV: prefix.."worker:",
+# now_ms. Returns a flat list: worker id, feedback bytes (false when the key is gone), ...
+LIVE_WORKERS = """
+local out = {}
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')) do
+  out[#out + 1] = w
+  out[#out + 1] = redis.call('GET', ARGV[1] .. w)
+end
+return out
+"""
+
 # The queue's epoch: a random token written once per Redis dataset. When it changes, the data
 # was lost (Redis restarted without persistence) and every request in flight with it.
 # KEYS: epoch key. ARGV: a fresh token (used only when none exists).
