@@ -45,6 +45,10 @@ def _assigned(t: Tracked) -> Assigned:
 
 
 class BatchingLoop:
+    # Workers write their feedback once per heartbeat (0.25 s by default), so a tick reuses a
+    # read this recent instead of waiting a round trip for the same bytes before deciding.
+    FEEDBACK_MAX_AGE_S = 0.02
+
     def __init__(self, queue: Queue, policy: Policy, table: RequestTable, scheduler_id: str,
                  tick_s: float = 0.005, min_tick_s: float = 0.002,
                  telemetry: SchedulerTelemetry | None = None):
@@ -61,6 +65,7 @@ class BatchingLoop:
         self.feedback: dict[str, WorkerFeedback] = {}   # worker id -> its last feedback
         self.backoff = Backoff()
         self._timed = False              # the tick about to run was the timer's, not a wake's
+        self._feedback_read = -1.0       # time.monotonic() of the last workers() read
 
     def slot_freed(self) -> None:
         """A request ended (or was cancelled): tick now only if one is waiting for the slot.
@@ -98,8 +103,11 @@ class BatchingLoop:
                 await asyncio.sleep(max(0.0, self.min_tick_s - (time.monotonic() - started)))
 
     async def tick(self, now: float) -> None:
-        # The two reads are independent: one round trip of waiting, not two in a row.
-        feedback, waiting = await asyncio.gather(self.queue.workers(), self.queue.waiting())
+        if time.monotonic() - self._feedback_read < self.FEEDBACK_MAX_AGE_S:
+            feedback, waiting = list(self.feedback.values()), await self.queue.waiting()
+        else:   # the two reads are independent: one round trip of waiting, not two in a row
+            feedback, waiting = await asyncio.gather(self.queue.workers(), self.queue.waiting())
+            self._feedback_read = time.monotonic()
         self.models = {fb.worker_id: fb.model for fb in feedback}
         self.feedback = {fb.worker_id: fb for fb in feedback}
         self.workers = [self._view(fb, now) for fb in feedback]

@@ -79,6 +79,11 @@ class RedisQueue:
         self._epoch_script = self.redis.register_script(redis_scripts.EPOCH)
         self._workers_script = self.redis.register_script(redis_scripts.LIVE_WORKERS)
         self._items: dict[str, WorkItem] = {}       # parsed waiting items, by id
+        # The waiting ids as the last submit's transaction read them, right after its writes:
+        # the batching tick that submit wakes takes them instead of reading the set again.
+        # Not kept when this client changed the set otherwise while the write was in flight.
+        self._fresh_ids: list[bytes] | None = None
+        self._moves = 0                             # assign / remove / requeue calls so far
         self._out_last: dict[str, bytes] = {}       # scheduler -> last stream id read
         self._groups: set[str] = set()              # workers whose consumer group exists
         self._entries: dict[str, bytes] = {}        # request id -> assign stream entry id
@@ -129,16 +134,23 @@ class RedisQueue:
             async with self.redis.pipeline(transaction=True) as pipe:
                 for item, _ in batch:
                     self._put_waiting(pipe, item)
-                await pipe.execute()
+                pipe.zrange(self._k("waiting"), 0, -1)
+                moves = self._moves
+                fresh = (await pipe.execute())[-1]
         except Exception as e:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(e)
         else:
+            self._fresh_ids = fresh if moves == self._moves else None
             for item, future in batch:
                 self._items[item.request_id] = item   # waiting() need not read it back
                 if not future.done():
                     future.set_result(None)
+
+    def _moved(self) -> None:
+        self._moves += 1
+        self._fresh_ids = None
 
     def _put_waiting(self, pipe, item: WorkItem) -> None:
         pipe.hset(self._k("req", item.request_id),
@@ -147,7 +159,9 @@ class RedisQueue:
 
     @_guarded
     async def waiting(self) -> list[WorkItem]:
-        raw_ids = await self.redis.zrange(self._k("waiting"), 0, -1)
+        raw_ids, self._fresh_ids = self._fresh_ids, None
+        if raw_ids is None:
+            raw_ids = await self.redis.zrange(self._k("waiting"), 0, -1)
         ids = [i.decode(errors="replace") for i in raw_ids]
         missing = [(i, r) for i, r in zip(ids, raw_ids) if i not in self._items]
         if missing:
@@ -180,6 +194,7 @@ class RedisQueue:
     async def assign(self, worker_id: str, items: list[WorkItem]) -> list[str]:
         if not items:
             return []
+        self._moved()
         args: list = [self._k("req", ""), worker_id, int(time.time() * 1000)]
         for item in items:
             args += [item.request_id, item.SerializeToString()]
@@ -192,6 +207,7 @@ class RedisQueue:
     @_guarded
     async def remove_waiting(self, request_id: str) -> bool:
         self._items.pop(request_id, None)
+        self._moved()
         removed = await self.redis.zrem(self._k("waiting"), request_id)
         if removed:
             await self.redis.hset(self._k("req", request_id), "state", "cancelled")
@@ -200,6 +216,7 @@ class RedisQueue:
     @_guarded
     async def requeue(self, item: WorkItem) -> None:
         self._items.pop(item.request_id, None)
+        self._moved()
         async with self.redis.pipeline(transaction=True) as pipe:
             self._put_waiting(pipe, item)
             await pipe.execute()

@@ -29,6 +29,7 @@ def feedback(worker: str, used: int, total: int = 1000, age_s: float = 0.0,
 async def setup(policy: str, n: int, prompt: int = 64, max_tokens: int = 64, **cfg):
     queue, table = MemoryQueue(), RequestTable()
     loop = BatchingLoop(queue, make_policy(policy, PolicyConfig(**cfg)), table, SCHED)
+    loop.FEEDBACK_MAX_AGE_S = 0.0     # these tests change the feedback between two ticks
     now = time.time_ns()
     for i in range(n):
         item = WorkItem(request_id=f"r{i}", model="m", prompt_token_ids=[1] * prompt,
@@ -97,3 +98,25 @@ async def test_fcfs_respects_max_num_seqs_across_ticks():
     a, b = await assigned(queue, "a"), await assigned(queue, "b")
     assert len(a) == 8 and len(b) == 8
     assert sorted(a + b, key=lambda r: int(r[1:])) == [f"r{i}" for i in range(16)]   # FCFS order
+
+
+async def test_a_tick_reuses_feedback_read_just_before():
+    """Workers write feedback once per heartbeat: a tick right after another does not wait a
+    round trip for it again; one after FEEDBACK_MAX_AGE_S does."""
+    queue, loop = await setup("fcfs", 2)
+    loop.FEEDBACK_MAX_AGE_S = 0.05
+    reads = []
+    real = queue.workers
+
+    async def counted():
+        reads.append(1)
+        return await real()
+    queue.workers = counted
+    await queue.heartbeat(feedback("w", used=0), ttl_s=5)
+    await loop.tick(time.time())
+    await loop.tick(time.time())
+    assert len(reads) == 1
+    assert [v.worker_id for v in loop.workers] == ["w"]     # the reused feedback is used
+    time.sleep(0.06)
+    await loop.tick(time.time())
+    assert len(reads) == 2
