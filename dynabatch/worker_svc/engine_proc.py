@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from dynabatch.v1.worker_pb2 import WorkItem
+from dynabatch.wire.heap import freeze_startup_heap
 from dynabatch.worker_svc import engine_wire as wire
 from dynabatch.worker_svc.engine.api import (Engine, EngineStats, Sampling, SequenceRequest,
                                              TokenOutput)
@@ -198,6 +199,7 @@ def serve(spec: EngineSpec, sock: socket.socket) -> None:
     """Build the engine and serve it on `sock` until the other end closes it."""
     try:
         engine = build(spec.kind, spec.model, **spec.options)
+        freeze_startup_heap()        # after the model and its graphs: no GC pause between steps
         EngineServer(engine, sock).serve()
     except (BrokenPipeError, ConnectionResetError):    # the parent went away mid-send
         pass

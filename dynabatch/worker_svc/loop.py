@@ -23,6 +23,7 @@ from dynabatch.v1.scheduler_pb2 import FinishReason
 from dynabatch.v1.worker_pb2 import TokenDelta, TokenDeltaBatch, WorkerFeedback, WorkItem
 from dynabatch.wire.backoff import Backoff
 from dynabatch.wire import telemetry
+from dynabatch.wire.heap import freeze_startup_heap
 from dynabatch.wire.queue import Queue, QueueError
 from dynabatch.wire.traced_queue import traced
 from dynabatch.worker_svc import engine_wire as wire
@@ -91,6 +92,7 @@ class WorkerLoop:
         """Serve until `stop` is set, then finish the running requests (drain). Raises
         EngineDied if the engine process exits on its own."""
         await self.engine.start()
+        freeze_startup_heap()
         log.info("worker %s serving model %s", self.cfg.worker_id, self.cfg.model)
         if self.metrics_server is not None:
             self.metrics_server.start()

@@ -212,3 +212,17 @@ def test_engine_process_dies_with_a_sigkilled_parent() -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_start_up_heap_is_frozen_once():
+    """The worker's processes freeze what start-up allocated (no full-GC pause while serving)."""
+    import gc
+
+    from dynabatch.wire import heap
+    heap._frozen = False
+    try:
+        assert heap.freeze_startup_heap() is True
+        assert gc.get_freeze_count() > 0
+        assert heap.freeze_startup_heap() is False
+    finally:
+        gc.unfreeze()
