@@ -2,9 +2,10 @@
 # The engine's GPU suite: GPU tests, the engine benchmark (compiled decode, with the HF
 # baseline), and the same without torch.compile for comparison.
 # Usage (repo root, CUDA machine): OUT=/some/dir tools/gpu_engine_suite.sh [stages...]
-# Stages: tests bench bench_eager bench_eager_prefill bench_unpadded_prefill profile (default:
-# tests bench bench_eager profile). Results land in $OUT. BENCH_ARGS: more engine_bench flags for every
-# bench stage (e.g. "--baseline-batches none" to skip HF's baseline).
+# Stages: tests bench bench_eager bench_eager_prefill bench_unpadded_prefill bench_no_gemv
+# micro_gemv profile (default: tests bench bench_eager profile). Results land in $OUT.
+# BENCH_ARGS: more engine_bench flags for every bench stage (e.g. "--baseline-batches none" to
+# skip HF's baseline).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
@@ -22,6 +23,9 @@ for s in $stages; do
         ${BENCH_ARGS:-} --json "$OUT/engine_h200_eager_prefill.json" 2>&1 | tee "$OUT/engine_h200_eager_prefill.log" ;;
     bench_unpadded_prefill) timeout 420 python3 -m dynabatch.bench.engine_bench --no-prefill-graphs --baseline-batches none \
         ${BENCH_ARGS:-} --json "$OUT/engine_h200_unpadded_prefill.json" 2>&1 | tee "$OUT/engine_h200_unpadded_prefill.log" ;;
+    bench_no_gemv) timeout 420 python3 -m dynabatch.bench.engine_bench --no-gemv --baseline-batches none \
+        ${BENCH_ARGS:-} --json "$OUT/engine_h200_no_gemv.json" 2>&1 | tee "$OUT/engine_h200_no_gemv.log" ;;
+    micro_gemv) timeout 300 python3 tools/micro_gemv.py --json "$OUT/micro_gemv.json" 2>&1 | tee "$OUT/micro_gemv.log" ;;
     profile) timeout 300 python3 tools/profile_decode.py --model llama-3.2-1b-shape --batches 1,64 \
         --out "$OUT/profile" 2>&1 | tee "$OUT/profile_decode.log" ;;
   esac

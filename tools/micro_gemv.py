@@ -1,14 +1,16 @@
 """Time the Triton decode GEMM (engine/triton_gemv.py) against F.linear (cuBLAS) on a GPU, each
-replayed in a CUDA graph of 16 calls, at the Llama-3.2-1B shapes and batch 1..16; then sweep
-launch configurations per shape so the table in triton_gemv.py can be picked from one run.
+replayed in a CUDA graph of 16 calls (8: lm_head), at the Llama-3.2-1B shapes (the lm_head,
+2048 x 128256, among them) and batch 1..16; then sweep launch configurations per shape so the
+table in triton_gemv.py can be picked from one run (`--shapes lm_head --sweep-m 1,2`: that one).
 
     python tools/micro_gemv.py --json $OUT/micro_gemv.json
 
-- Main table: for each shape (qkv, o, gate_up, down) and batch M: us per call and weight GB/s
-  for F.linear and gemv (pick_config's choice). "cold": the 16 calls in the graph each read a
-  different copy of the weight (16 copies > the 50-MB L2, as a model's layers); "hot": all 16
-  read one copy (L2-resident for qkv and o; as tools/micro_decode_ops.py measures). rel_err:
-  max |gemv - F.linear| / max |F.linear|; err32_*: the same against an fp32 F.linear.
+- Main table: for each shape (qkv, o, gate_up, down, lm_head) and batch M: us per call and
+  weight GB/s for F.linear and gemv (pick_config's choice). "cold": the calls in the graph each
+  read a different copy of the weight (16 copies > the 50-MB L2, as a model's layers; 8 of the
+  525-MB lm_head); "hot": all 16 read one copy (L2-resident for qkv and o; as
+  tools/micro_decode_ops.py measures). rel_err: max |gemv - F.linear| / max |F.linear|;
+  err32_*: the same against an fp32 F.linear.
 - Sweep (cold, at --sweep-m, 1 first): tiles, warps, stages, split-K and fma vs dot around the
   current choice; stops starting new configurations once --budget-s seconds have passed
   (Triton compiles each one, ~0.3-1 s). Ends with the fastest correct config per (padded M,
@@ -29,9 +31,10 @@ from dynabatch.worker_svc.engine.triton_gemv import (Config, default_config, gem
                                                      pick_config)
 
 SHAPES = {"qkv": (2048, 3072), "o": (2048, 2048), "gate_up": (2048, 16384),
-          "down": (8192, 2048)}
+          "down": (8192, 2048), "lm_head": (2048, 128256)}
 DEVICE = "cuda"
-COPIES = 16          # weight copies per cold graph: one per call
+COPIES = 16          # weight copies per cold graph: one per call (fewer for big weights)
+COPY_BYTES = 4 << 30  # at most this much in copies (but 2 or more)
 OK_ERR = 2e-2        # rel_err above this marks a config wrong (bf16 rounding is < 1e-2)
 
 
@@ -68,8 +71,10 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def weights(k: int, n: int) -> list[torch.Tensor]:
+    """COPIES copies, fewer (>= 2) where they would pass COPY_BYTES (the lm_head: 8)."""
+    copies = max(2, min(COPIES, COPY_BYTES // (2 * n * k)))
     return [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k ** -0.5
-            for _ in range(COPIES)]
+            for _ in range(copies)]
 
 
 def main_rows(shapes: dict, batches: list[int]) -> list[dict]:

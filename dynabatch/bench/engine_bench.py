@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefill-graphs", action="store_true",
                    help="run prefill steps unpadded (default replays graphs at bucketed token "
                         "counts on CUDA)")
+    p.add_argument("--gemv-rows", type=int, default=None,
+                   help="decode steps of at most this many rows use the Triton GEMV for their "
+                        "linear layers (default 2 on CUDA, 0 = off elsewhere)")
+    p.add_argument("--no-gemv", dest="gemv_rows", action="store_const", const=0,
+                   help="decode with cuBLAS only (same as --gemv-rows 0)")
     p.add_argument("--kv-fraction", type=float, default=0.5,
                    help="share of free memory for the KV pool (leaves room for the baseline)")
     p.add_argument("--prefill-budget", type=int, default=8192)
@@ -228,11 +233,11 @@ def run(args: argparse.Namespace) -> int:
                           prefill_token_budget=args.prefill_budget,
                           compile_decode=False if args.eager_decode else None,
                           compile_prefill=False if args.eager_prefill else None,
-                          prefill_graphs=not args.no_prefill_graphs)
+                          prefill_graphs=not args.no_prefill_graphs, gemv_rows=args.gemv_rows)
     roof = Roofline(engine, bandwidth)
     print(f"{model} on {torch.cuda.get_device_name() if gpu else platform.processor() or 'cpu'}: "
           f"start-up {engine.startup_s:.1f} s, {engine.kv.num_blocks} KV blocks, weights "
-          f"{roof.param_bytes / 1e9:.2f} GB"
+          f"{roof.param_bytes / 1e9:.2f} GB, gemv rows {engine.runner.gemv_rows}"
           + (f", copy bandwidth {bandwidth / 1e12:.3f} TB/s" if bandwidth else ""))
     drive(engine, _requests(2, [prompt, prompt // 2], 4, rng, "warm-"))   # first prefill shapes
     if gpu:
@@ -272,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
     compiled = engine.runner.compiled
     compiled_prefill = engine.runner.compiled_prefill
     prefill_graphs = engine.runner.prefill_graphs is not None
+    gemv_rows = engine.runner.gemv_rows
     del engine, roof
     gc.collect()
     if gpu:
@@ -290,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
         "model": model, "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(), "compile_decode": compiled,
         "compile_prefill": compiled_prefill,
-        "prefill_graphs": prefill_graphs,
+        "prefill_graphs": prefill_graphs, "gemv_rows": gemv_rows,
         "startup_s": round(startup_s, 2),
         "kv_block_size": stats.kv_block_size, "kv_blocks_total": stats.kv_blocks_total,
         "max_running": stats.max_running, "max_model_len": stats.max_model_len,

@@ -115,3 +115,41 @@ def test_varlen_prefill_matches_reference(fresh: bool) -> None:
     assert (meta.varlen.ctx_rows is None) == fresh
     got = prefill_attention(q, kv, 0, meta, dim ** -0.5, k_new, v_new)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graph_decode_with_gemv_matches_cublas(compiled: bool, monkeypatch) -> None:
+    """Decode graphs with the Triton GEMV (the CUDA default: buckets 1 and 2) give the tokens of
+    cuBLAS-only graphs (gemv_rows=0), fp32, at decode batches 4 down to 1; the GEMV runs only
+    while the batch-1 and -2 graphs are captured (warm-up and capture: twice per layer each)."""
+    from collections import Counter
+
+    from dynabatch.worker_svc.engine import triton_gemv
+
+    calls: list[int] = []
+    real = triton_gemv.gemv
+    monkeypatch.setattr(triton_gemv, "gemv", lambda x, w, b=None, config=None:
+                        (calls.append(x.shape[0]), real(x, w, b, config))[1])
+    prompts = [[(5 * i + j) % 256 for j in range(3 + 11 * i)] for i in range(4)]
+    results = []
+    for gemv_rows in (0, None):
+        calls.clear()
+        engine = build_engine("tiny-random-llama", device="cuda", dtype=torch.float32,
+                              num_kv_blocks=256, max_running=4, compile_decode=compiled,
+                              gemv_rows=gemv_rows)
+        on = gemv_rows is None
+        assert engine.runner.gemv_rows == (2 if on else 0)
+        assert engine.runner.graphs.buckets == ([1, 2, 4] if on or not compiled else [2, 4])
+        linears = 2 * 4 + 1                   # 2 layers x (qkv, o, gate_up, down), lm_head
+        assert Counter(calls) == ({1: 2 * linears, 2: 2 * linears} if on else {})
+        calls.clear()
+        for i, p in enumerate(prompts):
+            engine.add(SequenceRequest(f"r{i}", p, 6 * (i + 1), ignore_eos=True))
+        out: dict[str, list[int]] = {}
+        while engine.has_work():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.token_ids)
+        assert not calls                      # replays only
+        assert all(len(out[f"r{i}"]) == 6 * (i + 1) for i in range(4))
+        results.append(out)
+    assert results[0] == results[1]

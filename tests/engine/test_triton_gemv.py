@@ -70,6 +70,14 @@ def test_gemv_matches_linear_cpu(interpreted: ModuleType, m: int, k: int, n: int
         _check(interpreted, *_case(m, k, n, dtype, bias), config=config)
 
 
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_fp32_cpu(interpreted: ModuleType, m: int) -> None:
+    """fp32 (the engine's CPU tests run fp32 models): every path, as F.linear to fp32 rounding."""
+    for config in _configs(interpreted, m) + [None]:
+        _check(interpreted, *_case(m, 100, 37, torch.float32, True), config=config,
+               tol=dict(rtol=1e-5, atol=1e-5))
+
+
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 16])
 def test_default_config_cpu(interpreted: ModuleType, m: int) -> None:
     """pick_config's choice (fma up to 4 rows, dot above), fp16 for the interpreter's dot."""
@@ -94,8 +102,10 @@ def test_rejects_cpu(interpreted: ModuleType) -> None:
         interpreted.gemv(x, w)
     with pytest.raises(ValueError, match="2-D"):
         interpreted.gemv(x[0], w)
-    with pytest.raises(ValueError, match="bf16/fp16"):
-        interpreted.gemv(x[:2].float(), w.float())
+    with pytest.raises(ValueError, match="bf16/fp16/fp32"):
+        interpreted.gemv(x[:2].float(), w)
+    with pytest.raises(ValueError, match="bf16/fp16/fp32"):
+        interpreted.gemv(x[:2].double(), w.double())
     with pytest.raises(ValueError, match="fma path"):
         interpreted.gemv(x[:5], w, config=interpreted.Config(8, 32))
     with pytest.raises(ValueError, match="K contiguous"):
@@ -115,11 +125,11 @@ def test_custom_op_cpu(interpreted: ModuleType) -> None:
 
 
 def test_default_config_shapes() -> None:
-    """The 1B decode shapes: about 2 programs per SM (132) or more, fma up to 4 rows within the
-    register budget, dot (>= 16 columns) above."""
+    """The 1B decode shapes (lm_head included): about 2 programs per SM (132) or more, fma up
+    to 4 rows within the register budget, dot (>= 16 columns) above."""
     from dynabatch.worker_svc.engine.triton_gemv import default_config
 
-    for k, n in [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)]:
+    for k, n in [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048), (2048, 128256)]:
         for m, m_pad in [(1, 1), (2, 2), (3, 4), (4, 4), (8, 16), (16, 16)]:
             cfg = default_config(m, k, n, 132)
             assert triton.cdiv(n, cfg.block_n) * cfg.split >= 256
@@ -133,15 +143,19 @@ def test_default_config_shapes() -> None:
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("k,n", [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048),
-                                 (1000, 300)])
+                                 (2048, 128256), (1000, 300)])
 @needs_cuda
 def test_gemv_matches_linear_gpu(m: int, k: int, n: int) -> None:
-    """The compiled kernel at the 1B shapes (and an odd one), default configs, bf16."""
+    """The compiled kernel at the 1B shapes (lm_head included, and an odd one), default
+    configs, bf16; fp32 (tl.dot in IEEE fp32 above 4 rows) on the odd one."""
     from dynabatch.worker_svc.engine import triton_gemv
 
     for bias in (False, True):
         _check(triton_gemv, *_case(m, k, n, torch.bfloat16, bias, device="cuda"),
                tol=dict(rtol=2e-2, atol=2e-2))
+    if n == 300:
+        _check(triton_gemv, *_case(m, k, n, torch.float32, True, device="cuda"),
+               tol=dict(rtol=1e-4, atol=1e-4))
 
 
 @pytest.mark.parametrize("m", [1, 16])

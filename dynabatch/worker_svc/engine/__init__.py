@@ -20,6 +20,9 @@ __all__ = ["Engine", "EngineStats", "Sampling", "SequenceRequest", "TokenOutput"
 
 # Without a GPU there is no free memory to size the pool from: this many blocks by default.
 CPU_DEFAULT_BLOCKS = 4096
+# Decode steps of up to this many rows use the Triton GEMV on CUDA (faster than cuBLAS at 1 row,
+# about even at 2, slower from 4: bench/results/engine_h200.md, session 6).
+DEFAULT_GEMV_ROWS = 2
 
 
 def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None = None,
@@ -27,7 +30,7 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
                  block_size: int = 16, max_running: int = 256, prefill_token_budget: int = 8192,
                  cuda_graphs: bool = True, compile_decode: bool | None = None,
                  compile_prefill: bool | None = None, prefill_graphs: bool = True,
-                 seed: int = 0) -> "PagedEngine":
+                 gemv_rows: int | None = None, seed: int = 0) -> "PagedEngine":
     """Load `model` (named shape or from_pretrained path), size the KV pool, capture graphs.
 
     On CUDA without `num_kv_blocks`, the pool takes `kv_fraction` of the memory still free once
@@ -37,7 +40,10 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     in pieces between its attention calls (prefill.py: a few kernels per layer instead of ~25,
     for steps whose token count changes every time). `prefill_graphs` (with `cuda_graphs`, on
     CUDA) also replays prefill steps of up to 2048 tokens from graphs captured at bucketed
-    token counts (prefill_graphs.py). The returned engine's `startup_s` is the
+    token counts (prefill_graphs.py). `gemv_rows` (default: 2 on CUDA, 0 = off elsewhere,
+    where Triton would run in its interpreter) runs the linear layers of decode steps of at
+    most that many rows (1..16) through the Triton GEMV (fusion.py, triton_gemv.py); batch 1
+    then gets a decode graph of its own. The returned engine's `startup_s` is the
     measured build time, warm-up compilation included.
     """
     import torch
@@ -54,6 +60,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
         compile_decode = dev.type == "cuda" and compiled.supports_compiled_decode(net)
     if compile_prefill is None:
         compile_prefill = dev.type == "cuda"
+    if gemv_rows is None:
+        gemv_rows = DEFAULT_GEMV_ROWS if dev.type == "cuda" else 0
     config = net.config
     if num_kv_blocks is None:
         if dev.type == "cuda":
@@ -66,7 +74,7 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
                          max_model_len=_full_attention_len(config, models.max_model_len(config)),
                          eos_token_ids=models.eos_token_ids(config), cuda_graphs=cuda_graphs,
                          compile_decode=compile_decode, compile_prefill=compile_prefill,
-                         prefill_graphs=prefill_graphs, seed=seed)
+                         prefill_graphs=prefill_graphs, seed=seed, gemv_rows=gemv_rows)
     engine.runner.capture()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

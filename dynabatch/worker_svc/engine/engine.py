@@ -46,7 +46,8 @@ class PagedEngine:
     def __init__(self, model: PreTrainedModel, kv: KVCache, device: torch.device, *,
                  max_running: int, prefill_token_budget: int, max_model_len: int,
                  eos_token_ids: tuple[int, ...], cuda_graphs: bool, compile_decode: bool,
-                 compile_prefill: bool, prefill_graphs: bool, seed: int) -> None:
+                 compile_prefill: bool, prefill_graphs: bool, seed: int,
+                 gemv_rows: int = 0) -> None:
         self.model = model
         self.kv = kv
         self.device = device
@@ -55,7 +56,8 @@ class PagedEngine:
         self.scheduler = Scheduler(kv, max_running, prefill_token_budget)
         self.runner = ModelRunner(model, kv, device, max_running, self.max_model_len, cuda_graphs,
                                   compile_decode, compile_prefill,
-                                  min(prefill_token_budget, MAX_TOKENS) if prefill_graphs else 0)
+                                  min(prefill_token_budget, MAX_TOKENS) if prefill_graphs else 0,
+                                  gemv_rows)
         self.sampler = Sampler(device, seed)
         self._arrivals = itertools.count()
         self._pending: list[TokenOutput] = []

@@ -24,10 +24,13 @@ Forward = Callable[[torch.Tensor, torch.Tensor, PagedMetadata, None], torch.Tens
 
 class DecodeGraphs:
     def __init__(self, forward: Forward, inputs: DecodeInputs, max_batch: int,
-                 min_batch: int = 1) -> None:
-        """min_batch > 1 pads single-sequence steps (a compiled model specialises size 1)."""
+                 min_batch: int = 1, graphs: bool = True) -> None:
+        """min_batch > 1 pads single-sequence steps (a compiled model specialises size 1).
+        `graphs=False` runs the same padded steps without capturing (CPU tests); capture()
+        then runs each bucket once (the compile warm-up)."""
         self.forward = forward
         self.inputs = inputs
+        self.use_graphs = graphs
         self.max_batch = max_batch
         self.buckets = sorted({b for b in _BUCKETS if min_batch <= b < max_batch} | {max_batch})
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
@@ -41,6 +44,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if not self.use_graphs:
+            for b in sorted(self.buckets, reverse=True):
+                self._step(b)
+            return
         pool = None
         main = torch.cuda.current_stream()
         for b in sorted(self.buckets, reverse=True):
@@ -61,6 +68,9 @@ class DecodeGraphs:
         n = len(seqs)
         b = next(x for x in self.buckets if x >= n)
         self.inputs.stage(seqs, b)
-        graph, logits, greedy = self._graphs[b]
-        graph.replay()
+        if self.use_graphs:
+            graph, logits, greedy = self._graphs[b]
+            graph.replay()
+        else:
+            logits, greedy = self._step(b)
         return logits[:n], greedy[:n]

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 from dynabatch.worker_svc.engine.attention import PagedMetadata, kv_rows, varlen_plan
 from dynabatch.worker_svc.engine.compiled import compiled_decode_forward, static_rope_table
 from dynabatch.worker_svc.engine.decode_inputs import DecodeInputs
+from dynabatch.worker_svc.engine.fusion import use_gemv
 from dynabatch.worker_svc.engine.graphs import DecodeGraphs
 from dynabatch.worker_svc.engine.kv_cache import KVCache, kv_shape
 from dynabatch.worker_svc.engine.prefill_graphs import PrefillGraphs, supported
@@ -25,15 +26,23 @@ _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, kv: KVCache, device: torch.device,
                  max_running: int, max_model_len: int, cuda_graphs: bool,
-                 compile_decode: bool, compile_prefill: bool, prefill_graph_tokens: int) -> None:
+                 compile_decode: bool, compile_prefill: bool, prefill_graph_tokens: int,
+                 gemv_rows: int = 0) -> None:
         """prefill_graph_tokens > 0 (with cuda_graphs, on CUDA): prefill steps of up to that
-        many tokens replay CUDA graphs (prefill_graphs.py)."""
+        many tokens replay CUDA graphs (prefill_graphs.py). gemv_rows > 0: decode steps of at
+        most that many rows run their linear layers through the Triton GEMV (fusion.use_gemv;
+        only with the lean prefill, which does not call the modules; `self.gemv_rows` says)."""
         self.model = model
         self.kv = kv
         self.device = device
         self.block_size = kv.block_size
-        # Compiled decode: one dynamic-shape graph per layer serves every batch size >= 2.
+        # Compiled decode: one dynamic-shape layer graph serves every batch size >= 2 (with the
+        # GEMV: one for batch 1, one for 2..gemv_rows, one above).
         self.compiled = compile_decode
+        # Before the forwards take the modules (the compiled one holds the lm_head).
+        self.gemv_rows = gemv_rows if supports_lean_prefill(model) else 0
+        if self.gemv_rows:
+            use_gemv(model, self.gemv_rows)
         rope = (static_rope_table(model, max_model_len) if compile_decode or compile_prefill
                 else None)
         self._decode_forward = (compiled_decode_forward(model, rope) if compile_decode
@@ -50,13 +59,19 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(self._decode_forward, self.inputs, max_running,
-                                       min_batch=2 if compile_decode else 1)
+                                       min_batch=self.min_decode_batch)
         self.prefill_graphs: PrefillGraphs | None = None
         heads = model.config.num_attention_heads
         if (self.graphs is not None and prefill_graph_tokens > 0
                 and supported(heads, *kv_shape(model.config))):
             self.prefill_graphs = PrefillGraphs(self._prefill_forward, self.inputs, max_running,
                                                 prefill_graph_tokens)
+
+    @property
+    def min_decode_batch(self) -> int:
+        """The smallest decode graph bucket: compiled layers specialise size 1, so batch 1 pads
+        to 2 (one graph fewer to compile) unless the GEMV serves it, fastest at one row."""
+        return 2 if self.compiled and not self.gemv_rows else 1
 
     def capture(self) -> None:
         """Start-up work: compile the prefill pieces, capture the prefill and decode graphs."""

@@ -27,7 +27,12 @@ is masked). The launch configuration comes from _TABLE or default_config, fixed 
 (M, K, N): no autotuning, no host sync, only torch.empty allocations, so a call can be
 captured in a CUDA graph. tools/micro_gemv.py times it against F.linear and sweeps configs.
 
-Decode only: for M > 16 use F.linear (cuBLAS), which is compute-efficient there.
+Decode only: for M > 16 use F.linear (cuBLAS), which is compute-efficient there. The engine
+routes decode steps of up to 2 rows through it (fusion.use_gemv), the lm_head included: at the
+1B shape (K 2048, N 128256, 525 MB, the largest weight read of a step) default_config gives it
+gate_up's per-program tile (16 columns x 512 K at one row, x 256 at two) over 8,016 programs,
+~60 per SM, so no table entry until tools/micro_gemv.py (shape "lm_head") says otherwise.
+Weight offsets are int32: N x K row stride below 2^31 elements (a 128k vocab up to K = 16k).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ MAX_ROWS = 16
 _COUNTERS = 1 << 16          # split-K tickets: one int32 per column block, per device
 _REG_BUDGET = 64             # fp32 accumulator registers per thread on the fma path
 _FMA_ROWS = 4                # the fma path's most rows (unrolled); more go to tl.dot
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
@@ -99,8 +105,12 @@ def _dot_tiles(x_ptr, w_ptrs, rm, rk, M, stride_xm, k_lo, k_hi, M_PAD: tl.conste
     acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         kmask = (k + rk)[None, :] < k_hi
-        w = _load(w_ptrs + k, kmask, EVEN_K)
-        acc = tl.dot(_load(x_ptrs + k, kmask, EVEN_K), tl.trans(w), acc)
+        w = tl.trans(_load(w_ptrs + k, kmask, EVEN_K))
+        x = _load(x_ptrs + k, kmask, EVEN_K)
+        if x.dtype == tl.float32:       # fp32 as F.linear's, not TF32
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
     return acc
 
 
@@ -216,18 +226,21 @@ def _split_counters(device: torch.device) -> Optional[torch.Tensor]:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
          config: Optional[Config] = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] with M <= 16, weight [N, K] (K contiguous),
-    bf16 or fp16, fp32 accumulation; returns [M, N] in x's dtype. `config` (default:
-    pick_config) is for tools/micro_gemv.py's sweep."""
+    bf16 or fp16 (fp32 too: the engine's CPU tests), fp32 accumulation; returns [M, N] in
+    x's dtype. `config` (default: pick_config) is for tools/micro_gemv.py's sweep."""
     if x.dim() != 2 or x.shape[0] > MAX_ROWS:
         raise ValueError(f"gemv takes 2-D x with at most {MAX_ROWS} rows, got {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
-        raise ValueError(f"gemv takes bf16/fp16 x and weight of one dtype, got {x.dtype}, "
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"gemv takes bf16/fp16/fp32 x and weight of one dtype, got {x.dtype}, "
                          f"{weight.dtype}")
     m, k = x.shape
     n = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"weight must be [N, {k}] with K contiguous, got {tuple(weight.shape)}"
                          f" strides {weight.stride()}")
+    if weight.stride(0) * n >= 2 ** 31:
+        raise ValueError(f"weight offsets must fit int32, got {tuple(weight.shape)} strides "
+                         f"{weight.stride()}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
