@@ -30,9 +30,13 @@ from dynabatch.v1 import scheduler_pb2 as pb
 class StubContext:
     """The part of grpc.aio.ServicerContext the servicer uses; sends and aborts cost nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, written: list[int] | None = None) -> None:
         self._code: grpc.StatusCode | None = None
         self._details = ""
+        self._written = written if written is not None else [0]
+
+    async def write(self, message) -> None:
+        self._written[0] += 1
 
     async def send_initial_metadata(self, metadata) -> None:
         return None
@@ -59,7 +63,8 @@ async def _round(stack: LocalStack, requests: int, concurrency: int, max_tokens:
     """`requests` requests through the servicer; CPU and wall time of this process."""
     service = stack.scheduler.service
     left = [requests]
-    done = [0, 0]                          # completed, messages
+    done = [0]                             # completed
+    messages = [0]
 
     async def one_stream() -> None:
         while left[0] > 0:
@@ -68,14 +73,13 @@ async def _round(stack: LocalStack, requests: int, concurrency: int, max_tokens:
                                      ignore_eos=True, skip_text=True)
             if ids is not None:
                 req.request_id = f"r{next(ids)}"
-            async for _ in service.Generate(req, StubContext()):
-                done[1] += 1
+            await service.Generate(req, StubContext(messages))
             done[0] += 1
 
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(one_stream() for _ in range(concurrency)))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-    return {"completed": done[0], "messages": done[1], "cpu_s": round(cpu, 3),
+    return {"completed": done[0], "messages": messages[0], "cpu_s": round(cpu, 3),
             "wall_s": round(wall, 3), "cpu_us_per_request": round(cpu / done[0] * 1e6, 1)}
 
 

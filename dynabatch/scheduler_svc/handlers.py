@@ -47,3 +47,6 @@ def add_scheduler_service(servicer, server: grpc.aio.Server) -> None:
             response_serializer=_serialize)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    # Registered too (as the generated code does): the server then takes each call with its
+    # request message already read, one gRPC operation (and event-loop wake) less per call.
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)

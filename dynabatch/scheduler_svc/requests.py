@@ -46,7 +46,7 @@ class Tracked:
     detached_gen: int = 0                            # streams started before a detach end
     streams: int = 0                                 # client streams following it now
     policy_view: tuple | None = None                 # (key, Assigned): batching's cache
-    _listeners: set[asyncio.Event] = field(default_factory=set)
+    _listeners: set[asyncio.Future] = field(default_factory=set)   # streams waiting for news
     _pauses: set[asyncio.Future] = field(default_factory=set)   # streams between messages
 
     @property
@@ -103,8 +103,8 @@ class Tracked:
         self._notify()
 
     def _notify(self) -> None:
-        for event in self._listeners:
-            event.set()
+        for waiter in self._listeners:
+            _resolve(waiter)
 
     async def _pause(self, seconds: float) -> None:
         """Wait `seconds` between two messages of a stream, or less if the request ends
@@ -129,32 +129,32 @@ class Tracked:
         Failure last if the request failed or the stream was detached. Messages are at least
         `min_interval_s` apart: when steps are faster than that, tokens are coalesced (one gRPC
         message per window instead of one per step); when they are slower it costs nothing."""
-        event = asyncio.Event()
-        self._listeners.add(event)
+        loop = asyncio.get_running_loop()
         detok = IncrementalDetokenizer(tokenizer, self.output[:offset]) if tokenizer else None
         pos, gen = offset, self.detached_gen
-        try:
-            while True:
-                event.clear()
-                n, done = len(self.output), bool(self.finish_reason)
-                if done and pos > n:
-                    yield Failure(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"offset: {pos} is past the end of the output ({n} tokens)")
+        while True:
+            n, done = len(self.output), bool(self.finish_reason)
+            if done and pos > n:
+                yield Failure(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"offset: {pos} is past the end of the output ({n} tokens)")
+                return
+            if n > pos or done:
+                yield self._message(pos, n, detok, done)
+                pos = n
+                if done:
                     return
-                if n > pos or done:
-                    yield self._message(pos, n, detok, done)
-                    pos = n
-                    if done:
-                        return
-                    if min_interval_s:
-                        await self._pause(min_interval_s)
-                    continue
-                if self.failure or self.detached_gen != gen:
-                    yield self.failure or self.detached
-                    return
-                await event.wait()
-        finally:
-            self._listeners.discard(event)
+                if min_interval_s:
+                    await self._pause(min_interval_s)
+                continue
+            if self.failure or self.detached_gen != gen:
+                yield self.failure or self.detached
+                return
+            waiter = loop.create_future()       # made after the checks: no news is missed
+            self._listeners.add(waiter)
+            try:
+                await waiter
+            finally:
+                self._listeners.discard(waiter)
 
     def _message(self, start: int, end: int, detok, final: bool) -> GenerateResponse:
         new = self.output[start:end]

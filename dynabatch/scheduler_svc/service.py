@@ -32,6 +32,62 @@ async def _check(request, context) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
 
 
+class _Header:
+    """The x-request-id initial metadata of one call, sent without suspending its handler.
+
+    Its gRPC batch is started at once (when the request is admitted, as before) and its
+    completion is collected before the stream's first message or status, which is when grpc.aio
+    needs it: awaiting it in place cost the handler's task a wake per request for nothing.
+    (Starting the batches of the calls admitted in one turn of the event loop together was
+    tried: admissions come one per turn, so there was nothing to group.)
+
+    grpc.aio's send_initial_metadata is a coroutine whose only suspension is the future of its
+    batch: it is run here to that point by hand, and resumed once the future is done."""
+
+    __slots__ = ("_coro", "_future")
+
+    def __init__(self, context: grpc.aio.ServicerContext, request_id: str) -> None:
+        self._coro = context.send_initial_metadata((("x-request-id", request_id),))
+        try:
+            self._future = self._coro.send(None)     # raises where the send would have
+        except StopIteration:
+            self._coro = None
+        except BaseException:
+            self._coro = None
+            raise
+
+    async def sent(self) -> None:
+        """The metadata has gone (or the send's error is raised here)."""
+        coro, self._coro = self._coro, None
+        if coro is None:
+            return
+        try:
+            while True:
+                future = self._future
+                if not future.done():
+                    try:
+                        await asyncio.wait((future,))     # done, without taking its result
+                    except BaseException:
+                        coro.close()
+                        raise
+                self._future = coro.send(None)       # StopIteration: the send returned
+        except StopIteration:
+            return
+
+    def close(self) -> None:
+        """The stream ends before its first message (its task was cancelled): let go."""
+        coro, self._coro = self._coro, None
+        if coro is not None:
+            coro.close()
+            self._future.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """A batch nobody waits for any more: its error is not logged as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, *, queue: Queue, policy: Policy, table: RequestTable, batching: BatchingLoop,
                  models: dict[str, ModelInfo], default_model: str, limits: Limits,
@@ -43,12 +99,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.accepting = True
         self._cleanups: set[asyncio.Task] = set()
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        # A coroutine writing its messages (grpc.aio's reader/writer API), not an async
+        # generator that grpc iterates: no generator layers between a message and its write.
         with self.telemetry.rpc(request, context, self.default_model) as rpc:
-            tracked = await self._admit(request, context, rpc)
-            async for msg in self._stream(tracked, 0, request.skip_text, context):
-                rpc.sent(msg)
-                yield msg
+            tracked, header = await self._admit(request, context, rpc)
+            await self._stream(tracked, 0, request.skip_text, context, rpc, header)
 
     async def _refuse_early(self, request, context: grpc.aio.ServicerContext) -> None:
         """A streaming RPC's first checks: a malformed request, or a scheduler that is draining."""
@@ -57,10 +113,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
 
     async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
-                     rpc: RpcTelemetry) -> Tracked:
-        """Validation, admission control and the queue write: the request to stream, or the
-        call ends here with the status that says why not. (A coroutine, not a generator layer
-        that every message of the stream would pass through.)"""
+                     rpc: RpcTelemetry) -> tuple[Tracked, _Header | None]:
+        """Validation, admission control and the queue write: the request to stream (and the
+        x-request-id header on its way, when the scheduler chose the id), or the call ends here
+        with the status that says why not. (A coroutine, not a generator layer that every
+        message of the stream would pass through.)"""
         await self._refuse_early(request, context)
         try:
             item = validate(request, self.models, self.default_model, self.limits,
@@ -83,9 +140,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             context.set_trailing_metadata((("retry-after-ms", str(ms)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"not admitted: {admission.reason}; retry after {ms} ms")
+        # a client-chosen id is known to the client already
+        header = None if request.request_id else _Header(context, item.request_id)
         tracked = self.table.add(item)
-        if not request.request_id:      # a client-chosen id is known to the client already
-            await context.send_initial_metadata((("x-request-id", item.request_id),))
         try:
             with rpc.queued(item):
                 await self.queue.submit(item)
@@ -93,10 +150,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self.table.end(item.request_id, "failed",
                            Failure(grpc.StatusCode.UNAVAILABLE, f"queue unavailable: {e}"))
             context.set_trailing_metadata(ENDED)
+            if header is not None:
+                await header.sent()
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"queue unavailable: {e}")
+        except BaseException:
+            if header is not None:
+                header.close()
+            raise
         self.batching.wake.set()
         log.debug("queued %s (%d prompt tokens)", item.request_id, len(item.prompt_token_ids))
-        return tracked
+        return tracked, header
 
     def _for_admission(self, item) -> Waiting:
         """The request as admission control sees it: its TTFT target less the headroom kept for
@@ -107,12 +170,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                               * (1 - self.limits.admission_headroom))
         return waiting
 
-    async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext):
+    async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext) -> None:
         with self.telemetry.rpc(request, context, self.default_model) as rpc:
             tracked = await self._find(request, context, rpc)
-            async for msg in self._stream(tracked, request.offset, request.skip_text, context):
-                rpc.sent(msg)
-                yield msg
+            await self._stream(tracked, request.offset, request.skip_text, context, rpc)
 
     async def _find(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext,
                     rpc: RpcTelemetry) -> Tracked:
@@ -126,25 +187,42 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         await context.send_initial_metadata((("x-request-id", tracked.item.request_id),))
         return tracked
 
-    async def _stream(self, tracked: Tracked, offset: int, skip_text: bool, context):
-        """Follow a request's output from `offset`; a client leaving cancels it (not while
-        draining: then the request is handed back to the next scheduler instance)."""
+    async def _stream(self, tracked: Tracked, offset: int, skip_text: bool,
+                      context: grpc.aio.ServicerContext, rpc: RpcTelemetry,
+                      header: _Header | None = None) -> None:
+        """Write a request's output from `offset` to the client; a client leaving cancels it
+        (not while draining: then the request is handed back to the next scheduler instance).
+        `header`: initial metadata still on its way, collected before the first message."""
         model = self.models.get(tracked.item.model)
         tokenizer = None if skip_text or model is None else model.tokenizer
         tracked.streams += 1
+        follow = tracked.follow(offset, tokenizer, self.limits.stream_flush_s)
         try:
-            async for msg in tracked.follow(offset, tokenizer, self.limits.stream_flush_s):
+            async for msg in follow:
+                if header is not None:
+                    await header.sent()
+                    header = None
                 if isinstance(msg, Failure):
                     if msg is tracked.failure:
                         context.set_trailing_metadata(ENDED)
                     await context.abort(msg.code, msg.message)
-                yield msg
-        except asyncio.CancelledError:
-            if self.accepting and tracked.streams == 1 and not tracked.finished:
+                rpc.sent(msg)
+                await context.write(msg)
+            if header is not None:
+                await header.sent()
+                header = None
+        except BaseException as e:
+            # the task cancelled, or a write that failed: the client is gone (an abort is ours)
+            if (not isinstance(e, grpc.aio.AbortError) and self.accepting
+                    and tracked.streams == 1 and not tracked.finished):
                 self._spawn(self.cancel(tracked.item.request_id, "client went away"))
             raise
         finally:
             tracked.streams -= 1
+            if header is not None:
+                header.close()
+            if follow.ag_frame is not None:    # left at a message (an abort): its listener goes
+                await follow.aclose()
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
