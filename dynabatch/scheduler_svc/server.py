@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from dynabatch.v1 import scheduler_pb2
 from dynabatch.wire import models as registry
 from dynabatch.wire import telemetry
 from dynabatch.wire.backoff import Backoff
+from dynabatch.wire.heap import freeze_startup_heap
 from dynabatch.wire.queue import Queue, QueueError
 from dynabatch.wire.traced_queue import traced
 
@@ -57,20 +57,6 @@ def model_info(name: str) -> ModelInfo:
     cfg = registry.load_config(name)
     return ModelInfo(name=name, max_model_len=registry.max_model_len(cfg),
                      vocab_size=int(cfg.vocab_size), tokenizer=registry.load_tokenizer(name))
-
-
-_frozen = False
-
-
-def _freeze_startup_heap() -> None:
-    """Move what start-up allocated (torch, transformers, the tokenizer, protobuf descriptors:
-    hundreds of thousands of objects) out of the garbage collector's view, once per process. A
-    full collection otherwise walks all of them (~0.1 s each, several a minute under load); the
-    objects a request allocates are still collected as before."""
-    global _frozen
-    if not _frozen:
-        _frozen = True
-        gc.freeze()
 
 
 class SchedulerServer:
@@ -124,7 +110,7 @@ class SchedulerServer:
                        asyncio.create_task(self.recovery.run(self._stop), name="recovery")]
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        _freeze_startup_heap()
+        freeze_startup_heap()        # (once per process: wire/heap.py)
         log.info("scheduler %s listening on %s (%s%s; policy %s, models %s)", self.cfg.scheduler_id,
                  self.cfg.listen.rsplit(":", 1)[0] + f":{self.port}",
                  ("mTLS" if self.cfg.tls.client_ca else "TLS") if self.cfg.tls else "plaintext",
