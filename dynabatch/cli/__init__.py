@@ -187,7 +187,7 @@ async def _serve(args) -> int:
               "Redis; `dynabatch up` runs everything in one process without it)", file=sys.stderr)
         return 2
     from dynabatch.wire.queue import connect
-    from dynabatch.wire.redis_queue import redact
+    from dynabatch.wire.redis_errors import redact
     logging.getLogger("dynabatch").info("queue: %s (prefix %s)", redact(args.redis_url),
                                         args.redis_prefix)
     from dynabatch.wire.telemetry import setup_tracing
@@ -260,7 +260,7 @@ async def _worker(args, queue, stop: asyncio.Event) -> int:
     from dynabatch.worker_svc.app import new_worker_id, run_worker
     from dynabatch.worker_svc.engine_client import EngineDied
     from dynabatch.worker_svc.engine_proc import EngineSpec
-    from dynabatch.worker_svc.loop import WorkerConfig
+    from dynabatch.worker_svc.config import WorkerConfig
     from dynabatch.wire.telemetry import metrics_port
     cfg = WorkerConfig(worker_id=args.worker_id or new_worker_id(), model=args.model,
                        heartbeat_ttl_s=args.heartbeat_ttl_s,

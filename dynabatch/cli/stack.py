@@ -18,7 +18,8 @@ from dynabatch.wire.queue import connect
 from dynabatch.worker_svc.app import new_worker_id
 from dynabatch.worker_svc.engine_client import EngineProcess
 from dynabatch.worker_svc.engine_proc import EngineSpec
-from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
+from dynabatch.worker_svc.config import WorkerConfig
+from dynabatch.worker_svc.loop import WorkerLoop
 
 
 @dataclass

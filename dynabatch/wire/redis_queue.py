@@ -20,48 +20,22 @@ Connection errors surface as QueueUnavailable; callers retry with backoff.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dynabatch.v1.worker_pb2 import TokenDeltaBatch, WorkerControl, WorkerFeedback, WorkItem
 from dynabatch.wire import redis_scripts
 from dynabatch.wire.codec import QUARANTINE_KEEP, Garbage, decode, quarantine_record
-from dynabatch.wire.queue import QueueError, QueueUnavailable
+from dynabatch.wire.redis_errors import guarded, redact
 
 log = logging.getLogger("dynabatch.queue")
 GROUP = "workers"
 OUT_MAXLEN = 100_000
 MAX_CONNECTIONS = 32
-
-
-def _guarded(method):
-    """Map redis-py errors to the queue's: QueueUnavailable (retry later) or QueueError."""
-    @functools.wraps(method)
-    async def wrapper(self, *args, **kwargs):
-        try:
-            return await method(self, *args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-            raise QueueUnavailable(f"redis unreachable: {type(e).__name__}") from e
-        except RedisError as e:
-            raise QueueError(f"redis error: {e}") from e
-    return wrapper
-
-
-def redact(url: str) -> str:
-    """The URL without its password (for logs)."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}" if ":" in creds else f"{scheme}{sep}***@{host}"
 
 
 class RedisQueue:
@@ -114,7 +88,7 @@ class RedisQueue:
             return None
 
     # -- scheduler side
-    @_guarded
+    @guarded
     async def submit(self, item: WorkItem) -> None:
         """Submits made in the same event-loop turn share one transaction (one round trip)."""
         future = asyncio.get_running_loop().create_future()
@@ -157,7 +131,7 @@ class RedisQueue:
                   mapping={"item": item.SerializeToString(), "state": "waiting"})
         pipe.zadd(self._k("waiting"), {item.request_id: item.arrival_unix_ns})
 
-    @_guarded
+    @guarded
     async def waiting(self) -> list[WorkItem]:
         raw_ids, self._fresh_ids = self._fresh_ids, None
         if raw_ids is None:
@@ -190,7 +164,7 @@ class RedisQueue:
             return
         self._items[rid] = item
 
-    @_guarded
+    @guarded
     async def assign(self, worker_id: str, items: list[WorkItem]) -> list[str]:
         if not items:
             return []
@@ -204,7 +178,7 @@ class RedisQueue:
             self._items.pop(rid.decode(), None)
         return [m.decode() for m in moved]
 
-    @_guarded
+    @guarded
     async def remove_waiting(self, request_id: str) -> bool:
         self._items.pop(request_id, None)
         self._moved()
@@ -213,7 +187,7 @@ class RedisQueue:
             await self.redis.hset(self._k("req", request_id), "state", "cancelled")
         return bool(removed)
 
-    @_guarded
+    @guarded
     async def requeue(self, item: WorkItem) -> None:
         self._items.pop(item.request_id, None)
         self._moved()
@@ -221,7 +195,7 @@ class RedisQueue:
             self._put_waiting(pipe, item)
             await pipe.execute()
 
-    @_guarded
+    @guarded
     async def read_deltas(self, scheduler_id: str, timeout_s: float) -> list[TokenDeltaBatch]:
         key = self._k("out", scheduler_id)
         last = self._out_last.get(scheduler_id, b"0-0")
@@ -238,11 +212,11 @@ class RedisQueue:
                     await self.redis.xdel(key, entry_id)
         return batches
 
-    @_guarded
+    @guarded
     async def send_control(self, worker_id: str, control: WorkerControl) -> None:
         await self.redis.rpush(self._k("ctl", worker_id), control.SerializeToString())
 
-    @_guarded
+    @guarded
     async def workers(self) -> list[WorkerFeedback]:
         """One round trip (the batching tick waits on it before every decision)."""
         flat = await self._workers_script(keys=[self._k("workers")],
@@ -259,7 +233,7 @@ class RedisQueue:
                 feedback.append(fb)
         return feedback
 
-    @_guarded
+    @guarded
     async def finish(self, *request_ids: str) -> None:
         if not request_ids:
             return
@@ -267,7 +241,7 @@ class RedisQueue:
             self._items.pop(rid, None)
         await self.redis.delete(*(self._k("req", rid) for rid in request_ids))
 
-    @_guarded
+    @guarded
     async def reclaim_dead(self) -> list[WorkItem]:
         flat = await self._reclaim_script(keys=[self._k("workers")],
                                           args=[self.p, int(time.time() * 1000)])
@@ -279,7 +253,7 @@ class RedisQueue:
                 items.append(item)
         return items
 
-    @_guarded
+    @guarded
     async def recover(self, scheduler_id: str) -> list[WorkItem]:
         keys = [k async for k in self.redis.scan_iter(match=self._k("req", "*"), count=1000)]
         items = []
@@ -303,18 +277,18 @@ class RedisQueue:
             await self.redis.delete(key)
         return item
 
-    @_guarded
+    @guarded
     async def trim_deltas(self, scheduler_id: str, before_unix_ms: int) -> None:
         await self.redis.xtrim(self._k("out", scheduler_id), minid=f"{max(0, before_unix_ms)}-0",
                                approximate=True)
 
-    @_guarded
+    @guarded
     async def epoch(self) -> str:
         value = await self._epoch_script(keys=[self._k("epoch")], args=[uuid.uuid4().hex])
         return value.decode(errors="replace")
 
     # -- worker side
-    @_guarded
+    @guarded
     async def heartbeat(self, feedback: WorkerFeedback, ttl_s: float) -> None:
         ttl_ms = max(1, int(ttl_s * 1000))
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -334,7 +308,7 @@ class RedisQueue:
         self._groups.add(worker_id)
         return True
 
-    @_guarded
+    @guarded
     async def pull(self, worker_id: str, max_items: int, timeout_s: float) -> list[WorkItem]:
         # After (re)creating the group, first take back this consumer's own unacknowledged
         # entries ("0"): a worker restarted under the same id resumes what it had.
@@ -368,14 +342,14 @@ class RedisQueue:
         self._entries[item.request_id] = entry_id
         return item
 
-    @_guarded
+    @guarded
     async def read_control(self, worker_id: str) -> list[WorkerControl]:
         key = self._k("ctl", worker_id)
         controls = [await self._decoded(WorkerControl, raw, key)
                     for raw in await self.redis.lpop(key, 1000) or []]
         return [c for c in controls if c is not None]
 
-    @_guarded
+    @guarded
     async def publish(self, batches: dict[str, TokenDeltaBatch]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for scheduler_id, batch in batches.items():
@@ -383,7 +357,7 @@ class RedisQueue:
                           maxlen=OUT_MAXLEN, approximate=True)
             await pipe.execute()
 
-    @_guarded
+    @guarded
     async def ack(self, worker_id: str, request_ids: list[str]) -> None:
         entries = [e for e in (self._entries.pop(r, None) for r in request_ids) if e is not None]
         if entries:

@@ -16,7 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dynabatch.wire.queue import Queue
 from dynabatch.worker_svc.engine_client import EngineDied, EngineProcess
 from dynabatch.worker_svc.engine_proc import EngineSpec
-from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
+from dynabatch.worker_svc.config import WorkerConfig
+from dynabatch.worker_svc.loop import WorkerLoop
 
 log = logging.getLogger("dynabatch.worker")
 

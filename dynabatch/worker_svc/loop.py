@@ -15,9 +15,6 @@ import itertools
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-
-from opentelemetry.sdk.trace import TracerProvider
 
 from dynabatch.v1.scheduler_pb2 import FinishReason
 from dynabatch.v1.worker_pb2 import TokenDelta, TokenDeltaBatch, WorkerFeedback, WorkItem
@@ -27,6 +24,7 @@ from dynabatch.wire.heap import freeze_startup_heap
 from dynabatch.wire.queue import Queue, QueueError
 from dynabatch.wire.traced_queue import traced
 from dynabatch.worker_svc import engine_wire as wire
+from dynabatch.worker_svc.config import WorkerConfig
 from dynabatch.worker_svc.engine.api import TokenOutput
 from dynabatch.worker_svc.engine_client import EngineDied, EngineProcess
 from dynabatch.worker_svc.metrics import WorkerMetrics
@@ -36,21 +34,6 @@ log = logging.getLogger("dynabatch.worker")
 
 _FINISH = {"stop": FinishReason.FINISH_REASON_STOP, "length": FinishReason.FINISH_REASON_LENGTH,
            "abort": FinishReason.FINISH_REASON_CANCELLED}
-
-
-@dataclass
-class WorkerConfig:
-    worker_id: str
-    model: str
-    heartbeat_s: float = 0.25       # feedback period
-    heartbeat_ttl_s: float = 3.0    # a worker silent this long counts as dead
-    idle_poll_s: float = 0.05       # how long an idle worker blocks waiting for work
-    max_pull: int = 64              # assignments taken per iteration
-    publish_interval_s: float = 0.005   # steps faster than this are published together
-    backoff_max_s: float = 1.0      # longest wait between retries while the queue is down
-    metrics_port: int | None = None   # Prometheus /metrics; None: not served (0: any port)
-    # Spans go to this provider; None: the global SDK provider if one is installed, else off.
-    tracer_provider: TracerProvider | None = None
 
 
 class WorkerLoop:

@@ -18,7 +18,8 @@ from dynabatch.worker_svc import engine_wire as wire
 from dynabatch.worker_svc.engine.api import EngineStats, TokenOutput
 from dynabatch.worker_svc.engine_client import EngineDied, EngineProcess
 from dynabatch.worker_svc.engine_proc import EngineSpec
-from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
+from dynabatch.worker_svc.config import WorkerConfig
+from dynabatch.worker_svc.loop import WorkerLoop
 
 
 def _item(rid: str, n: int, prompt: list[int] | None = None) -> WorkItem:

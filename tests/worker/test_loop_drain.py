@@ -10,7 +10,8 @@ from dynabatch.v1.worker_pb2 import WorkerFeedback, WorkItem
 from dynabatch.wire.memory_queue import MemoryQueue
 from dynabatch.worker_svc.engine_client import EngineProcess
 from dynabatch.worker_svc.engine_proc import EngineSpec
-from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
+from dynabatch.worker_svc.config import WorkerConfig
+from dynabatch.worker_svc.loop import WorkerLoop
 
 OUT = 30
 

@@ -7,7 +7,8 @@ import asyncio
 from dynabatch.worker_svc.engine.api import TokenOutput
 from dynabatch.worker_svc.engine_client import EngineProcess
 from dynabatch.worker_svc.engine_proc import EngineSpec
-from dynabatch.worker_svc.loop import WorkerConfig, WorkerLoop
+from dynabatch.worker_svc.config import WorkerConfig
+from dynabatch.worker_svc.loop import WorkerLoop
 
 
 class RecordingQueue:
