@@ -12,6 +12,7 @@ launched one by one, which also shows the launch gaps graphs remove.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -48,12 +49,27 @@ def profile_batch(engine, batch: int, prompt: int, steps: int, out: Path | None)
             torch.cuda.synchronize()
     for rid in [f"p{batch}-{i}" for i in range(batch)]:
         engine.abort(rid)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(out / f"decode_b{batch}.json"))
+    trace = (out or Path("/tmp")) / f"decode_b{batch}.json"
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=25)
-    return f"batch {batch}: {ran} decode steps profiled\n{table}"
+    return f"batch {batch}: {ran} decode steps profiled\n{kernel_summary(trace, ran)}\n{table}"
+
+
+def kernel_summary(trace: Path, steps: int) -> str:
+    """Per step: kernels launched, their summed time, and the idle gaps between consecutive
+    kernels (the launch and ramp cost a fused kernel removes)."""
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    kernels = sorted((e["ts"], e["dur"]) for e in events if e.get("cat") == "kernel")
+    if not kernels or not steps:
+        return "no kernels traced"
+    busy = sum(d for _, d in kernels)
+    gaps = [b[0] - (a[0] + a[1]) for a, b in zip(kernels, kernels[1:])]
+    inner = [g for g in gaps if 0 <= g < 50]         # gaps inside a step (not between steps)
+    return (f"per step: {len(kernels) / steps:.0f} kernels, {busy / steps:.1f} us busy, "
+            f"{sum(inner) / steps:.1f} us in {len(inner) / steps:.0f} gaps < 50 us "
+            f"(median gap {sorted(inner)[len(inner) // 2] if inner else 0:.2f} us)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
           f"start-up {engine.startup_s:.1f} s, {engine.kv.num_blocks} KV blocks, weights "
           f"{roof.param_bytes / 1e9:.2f} GB, gemv rows {engine.runner.gemv_rows}"
           + (f", copy bandwidth {bandwidth / 1e12:.3f} TB/s" if bandwidth else ""))
+    print("start-up phases: " + ", ".join(f"{k} {v:.1f} s"
+                                          for k, v in engine.startup_phases.items()))
     drive(engine, _requests(2, [prompt, prompt // 2], 4, rng, "warm-"))   # first prefill shapes
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -274,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
                "kv_pool_GB": round(engine.kv.data.numel() * engine.kv.data.element_size() / 1e9, 2)}
         print(f"memory: {mem}")
     stats, startup_s, dtype = engine.stats(), engine.startup_s, engine.kv.data.dtype
+    phases = {k: round(v, 2) for k, v in engine.startup_phases.items()}
     compiled = engine.runner.compiled
     compiled_prefill = engine.runner.compiled_prefill
     prefill_graphs = engine.runner.prefill_graphs is not None
@@ -297,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.date.today().isoformat(), "compile_decode": compiled,
         "compile_prefill": compiled_prefill,
         "prefill_graphs": prefill_graphs, "gemv_rows": gemv_rows,
-        "startup_s": round(startup_s, 2),
+        "startup_s": round(startup_s, 2), "startup_phases_s": phases,
         "kv_block_size": stats.kv_block_size, "kv_blocks_total": stats.kv_blocks_total,
         "max_running": stats.max_running, "max_model_len": stats.max_model_len,
         "max_batch_tokens": args.prefill_budget, "prompt_len": prompt, "output_len": out,

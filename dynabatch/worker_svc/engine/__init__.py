@@ -4,6 +4,7 @@ torch is imported only when an engine is built: the worker's serving process imp
 contract (api.py) without it; only the engine process (worker_svc/engine_proc.py) needs torch."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "EngineStats", "Sampling", "SequenceRequest", "TokenOutput", "build_engine",
            "CPU_DEFAULT_BLOCKS"]
+
+log = logging.getLogger(__name__)
 
 # Without a GPU there is no free memory to size the pool from: this many blocks by default.
 CPU_DEFAULT_BLOCKS = 4096
@@ -44,7 +47,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     where Triton would run in its interpreter) runs the linear layers of decode steps of at
     most that many rows (1..16) through the Triton GEMV (fusion.py, triton_gemv.py); batch 1
     then gets a decode graph of its own. The returned engine's `startup_s` is the
-    measured build time, warm-up compilation included.
+    measured build time, warm-up compilation included; `startup_phases` splits it (seconds:
+    load, kv_pool, engine_init, then those of ModelRunner.capture that ran).
     """
     import torch
 
@@ -56,6 +60,7 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     dev = loader.resolve_device(device)
     dt = dtype or loader.default_dtype(dev)
     net = loader.load_model(model, dev, dt, seed)
+    t_load = time.perf_counter()
     if compile_decode is None:
         compile_decode = dev.type == "cuda" and compiled.supports_compiled_decode(net)
     if compile_prefill is None:
@@ -69,16 +74,22 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
         else:
             num_kv_blocks = CPU_DEFAULT_BLOCKS
     kv = kv_cache.KVCache(config, num_kv_blocks, block_size, dt, dev)
+    t_pool = time.perf_counter()
     engine = PagedEngine(net, kv, dev, max_running=max_running,
                          prefill_token_budget=prefill_token_budget,
                          max_model_len=_full_attention_len(config, models.max_model_len(config)),
                          eos_token_ids=models.eos_token_ids(config), cuda_graphs=cuda_graphs,
                          compile_decode=compile_decode, compile_prefill=compile_prefill,
                          prefill_graphs=prefill_graphs, seed=seed, gemv_rows=gemv_rows)
-    engine.runner.capture()
+    t_init = time.perf_counter()
+    phases = engine.runner.capture()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     engine.startup_s = time.perf_counter() - t0
+    engine.startup_phases = {"load": t_load - t0, "kv_pool": t_pool - t_load,
+                             "engine_init": t_init - t_pool, **phases}
+    log.info("engine start-up %.1f s: %s", engine.startup_s,
+             ", ".join(f"{k} {v:.1f} s" for k, v in engine.startup_phases.items()))
     return engine
 
 

@@ -67,6 +67,7 @@ class PagedEngine:
         self._out = HostBuffers(1, max_running, pin=device.type == "cuda")   # sampled tokens
         self.steps = 0
         self.startup_s = 0.0  # set by build_engine
+        self.startup_phases: dict[str, float] = {}   # set by build_engine
         self.last_step: StepRecord | None = None
 
     # -- Engine protocol -------------------------------------------------------------------

@@ -2,6 +2,8 @@
 graphs at bucketed token counts, or unpadded above them)."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -73,14 +75,24 @@ class ModelRunner:
         to 2 (one graph fewer to compile) unless the GEMV serves it, fastest at one row."""
         return 2 if self.compiled and not self.gemv_rows else 1
 
-    def capture(self) -> None:
-        """Start-up work: compile the prefill pieces, capture the prefill and decode graphs."""
+    def capture(self) -> dict[str, float]:
+        """Start-up work: compile the prefill pieces, capture the prefill and decode graphs;
+        returns the seconds each phase that ran took."""
+        steps = {}
         if isinstance(self._prefill_forward, LeanPrefill):
-            self._prefill_forward.warm_up(self.device)
+            steps["prefill_compile"] = lambda: self._prefill_forward.warm_up(self.device)
         if self.prefill_graphs is not None:
-            self.prefill_graphs.capture()
+            steps["prefill_graphs"] = self.prefill_graphs.capture
         if self.graphs is not None:
-            self.graphs.capture()
+            steps["decode_graphs"] = self.graphs.capture
+        phases = {}
+        for name, run in steps.items():
+            t0 = time.perf_counter()
+            run()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            phases[name] = time.perf_counter() - t0
+        return phases
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
