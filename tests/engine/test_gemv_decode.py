@@ -1,9 +1,10 @@
-"""Decode steps of few rows through the Triton GEMV (fusion.use_gemv), on CPU with the kernel in
+"""Decode steps of few rows through lean_decode.LeanDecode, on CPU with the Triton kernels in
 Triton's interpreter (fp32): greedy output still equals model.generate; every linear layer of a
-decode step of at most `gemv_rows` rows calls dynabatch::gemv (the fused q/k/v and gate/up, o,
-down and the lm_head), none of a larger step or of a prefill does; compiled, the padded
-buckets' steps (the CUDA graphs' inputs, run without capture) take the side of the row check
-their bucket was warmed up with, and nothing compiles after the warm-up."""
+decode step of at most `gemv_rows` rows calls the Triton GEMV (q/k/v and the input norm, o and
+the residual, gate/up and the second norm, down with the activation and residual, the lm_head
+and the final norm), none of a larger step or of a prefill does; compiled, the padded buckets'
+steps (the CUDA graphs' inputs, run without capture) take the side of the row check their
+bucket was warmed up with, and nothing compiles after the warm-up."""
 from __future__ import annotations
 
 from collections import Counter
@@ -33,9 +34,9 @@ def gemv_calls(monkeypatch) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
     real = mod.gemv
 
-    def counting(x, weight, bias=None, config=None):
+    def counting(x, weight, bias=None, config=None, **fused):
         calls.append((x.shape[0], weight.shape[0]))
-        return real(x, weight, bias, config)
+        return real(x, weight, bias, config, **fused)
 
     monkeypatch.setattr(mod, "gemv", counting)
     monkeypatch.setattr(mod, "_sm_count", lambda device: 4)
@@ -68,9 +69,10 @@ def test_gemv_decode_matches_generate(llama_path: Path, ref_llama, gemv_calls, b
 
 def test_compiled_bucket_graphs_call_gemv_up_to_the_threshold(llama_path: Path, ref_llama,
                                                               gemv_calls) -> None:
-    """Buckets 1, 2, 3 (batch 1 gets its own with the GEMV); requests ending one after another
-    decode at 3, 2, then 1 rows: the GEMV at 2 and 1 only; 5 graphs compiled at warm-up (the
-    layer at 1, 2 and above, the final norm at 1 and above), none after."""
+    """Buckets 1, 2, 3 (batch 1 gets its own with the lean decode); requests ending one after
+    another decode at 3, 2, then 1 rows: the GEMV at 2 and 1 only; 2 graphs compiled at
+    warm-up (the layer and the final norm, for 3 rows: the lean decode compiles nothing), none
+    after."""
     from torch._dynamo.utils import counters
 
     from dynabatch.worker_svc.engine.graphs import DecodeGraphs
@@ -83,7 +85,7 @@ def test_compiled_bucket_graphs_call_gemv_up_to_the_threshold(llama_path: Path, 
                                  min_batch=runner.min_decode_batch, graphs=False)
     assert runner.graphs.buckets == [1, 2, 3]
     runner.graphs.capture()
-    assert counters["stats"]["unique_graphs"] == 5
+    assert counters["stats"]["unique_graphs"] == 2
     assert {m for m, _ in gemv_calls} == {1, 2}
     counters.clear()
     gemv_calls.clear()

@@ -87,6 +87,38 @@ def test_single_sequence_split_counts_agree_cpu(interpreted: ModuleType, ctx: in
         _check(interpreted, [ctx], 8, 2, 16, 4, splits, "cpu", torch.float32, 1e-4)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb on [B, heads, D] with cos/sin [B, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rope_in_kernel_equals_rotating_first_cpu(interpreted: ModuleType, splits: int) -> None:
+    """`rope`: q and the new k rotated in the kernel at position ctx - 1 give what rotating
+    them before the call gives: the same output, the same rotated k stored in the cache."""
+    ctx = [1, 5, 17, 65]
+    kv, _, table, wb, wo, q, k_new, v_new, ctx_t = _case(ctx, 8, 2, 16, 4, "cpu",
+                                                         torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    angle = torch.rand(80, 8, generator=gen) * 6
+    table_rope = torch.stack([torch.cat([angle.cos()] * 2, -1),
+                              torch.cat([angle.sin()] * 2, -1)], dim=1)      # [80, 2, 16]
+    cos, sin = table_rope[ctx_t.long() - 1].unbind(1)
+    want_kv = kv.clone()
+    want = interpreted.paged_decode(_rotate(q, cos, sin), _rotate(k_new, cos, sin), v_new,
+                                    want_kv[0, 0], want_kv[0, 1], wb, wo, table, ctx_t,
+                                    16 ** -0.5, splits=splits)
+    got = interpreted.paged_decode(q, k_new, v_new, kv[0, 0], kv[0, 1], wb, wo, table, ctx_t,
+                                   16 ** -0.5, splits=splits, rope=table_rope)
+    torch.testing.assert_close(kv, want_kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    unrotated = interpreted.paged_decode(q, k_new, v_new, kv[0, 0].clone(), kv[0, 1].clone(),
+                                         wb, wo, table, ctx_t, 16 ** -0.5, splits=splits)
+    assert (unrotated - want).abs().max() > 1e-2
+
+
 def test_num_splits() -> None:
     from dynabatch.worker_svc.engine.triton_decode import num_splits
 

@@ -6,34 +6,12 @@ concatenated weight once beats three (or two) launches. transformers' modules ca
 projection separately, so the fused module computes every part on its first part's call and
 hands the rest out in call order (q, k, v in attention; gate, up in the MLP — true for the
 architectures listed below). A part called out of order finds no result and raises.
-
-Small decode batches through the Triton GEMV (`use_gemv`): at 1-2 rows cuBLAS leaves a linear
-layer's weight read well below bandwidth, the weight-streaming kernel (triton_gemv.py, the
-opaque op `dynabatch::gemv`) is 1.05-1.26x faster at one row, about even at two, slower from
-four (bench/results/engine_h200.md, session 6, H100). The choice is a Python check of the row
-count: torch.compile guards on it (one layer graph for <= `gemv_rows` rows, one for more, each
-compiled at start-up), and each CUDA graph bucket captures one side of it, so nothing branches
-on data at run time. Only the decode path calls these modules once the prefill is the lean
-one (prefill.py reads the weights and calls F.linear itself): runner.py turns the GEMV on only
-then.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           gemv_rows: int = 0) -> torch.Tensor:
-    """F.linear, or dynabatch::gemv where x has 1..`gemv_rows` rows (0: never)."""
-    rows = math.prod(x.shape[:-1])
-    if not gemv_rows or rows > gemv_rows:
-        return F.linear(x, weight, bias)
-    y = torch.ops.dynabatch.gemv(x.reshape(rows, x.shape[-1]), weight, bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
 
 FUSABLE_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
@@ -47,12 +25,11 @@ class FusedLinear(nn.Module):
         self.bias = (nn.Parameter(torch.cat(biases), requires_grad=False)
                      if all(b is not None for b in biases) else None)
         self.splits = [lin.out_features for lin in linears]
-        self.gemv_rows = 0                  # use_gemv's
         self._parts: tuple[torch.Tensor, ...] | None = None
 
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if index == 0:
-            out = linear(x, self.weight, self.bias, self.gemv_rows)
+            out = F.linear(x, self.weight, self.bias)
             self._parts = out.split(self.splits, dim=-1)
         parts = self._parts
         if parts is None:
@@ -89,38 +66,5 @@ def fuse_projections(model: nn.Module) -> int:
             fused = FusedLinear(linears)
             for i, n in enumerate(names):
                 setattr(owner, n, LinearPart(fused, i))
-            count += 1
-    return count
-
-
-class GemvLinear(nn.Module):
-    """Stands in for an unfused nn.Linear (o, down, lm_head): its parameters, through linear()."""
-
-    def __init__(self, lin: nn.Linear, gemv_rows: int) -> None:
-        super().__init__()
-        self.weight, self.bias = lin.weight, lin.bias       # shared (a tied lm_head stays tied)
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.gemv_rows = gemv_rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.gemv_rows)
-
-
-def use_gemv(model: nn.Module, rows: int) -> int:
-    """Route every linear layer of `model` (fused or not, lm_head included) through
-    dynabatch::gemv for inputs of 1..`rows` rows (1..16); returns how many layers."""
-    from dynabatch.worker_svc.engine import triton_gemv    # registers the op; needs triton
-
-    if not 0 < rows <= triton_gemv.MAX_ROWS:
-        raise ValueError(f"gemv rows must be in 1..{triton_gemv.MAX_ROWS}, got {rows}")
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear:
-                setattr(parent, name, GemvLinear(child, rows))
-            elif isinstance(child, FusedLinear):
-                child.gemv_rows = rows
-            else:
-                continue
             count += 1
     return count

@@ -12,9 +12,9 @@ from transformers import PreTrainedModel
 from dynabatch.worker_svc.engine.attention import PagedMetadata, kv_rows, varlen_plan
 from dynabatch.worker_svc.engine.compiled import compiled_decode_forward, static_rope_table
 from dynabatch.worker_svc.engine.decode_inputs import DecodeInputs
-from dynabatch.worker_svc.engine.fusion import use_gemv
 from dynabatch.worker_svc.engine.graphs import DecodeGraphs
 from dynabatch.worker_svc.engine.kv_cache import KVCache, kv_shape
+from dynabatch.worker_svc.engine.lean_decode import MAX_ROWS, LeanDecode, supports_lean_decode
 from dynabatch.worker_svc.engine.prefill_graphs import PrefillGraphs, supported
 from dynabatch.worker_svc.engine.prefill import LeanPrefill, supports_lean_prefill
 from dynabatch.worker_svc.engine.scheduler import PrefillChunk
@@ -31,24 +31,32 @@ class ModelRunner:
                  compile_decode: bool, compile_prefill: bool, prefill_graph_tokens: int,
                  gemv_rows: int = 0) -> None:
         """prefill_graph_tokens > 0 (with cuda_graphs, on CUDA): prefill steps of up to that
-        many tokens replay CUDA graphs (prefill_graphs.py). gemv_rows > 0: decode steps of at
-        most that many rows run their linear layers through the Triton GEMV (fusion.use_gemv;
-        only with the lean prefill, which does not call the modules; `self.gemv_rows` says)."""
+        many tokens replay CUDA graphs (prefill_graphs.py). gemv_rows (0..4) > 0: decode steps
+        of at most that many rows run lean_decode.LeanDecode (the Triton GEMV with the norms,
+        activation and residual adds fused in) where the layout allows it (`self.gemv_rows`
+        says: 0 where it does not)."""
+        if not 0 <= gemv_rows <= MAX_ROWS:
+            raise ValueError(f"gemv_rows must be in 0..{MAX_ROWS}, got {gemv_rows}")
         self.model = model
         self.kv = kv
         self.device = device
         self.block_size = kv.block_size
-        # Compiled decode: one dynamic-shape layer graph serves every batch size >= 2 (with the
-        # GEMV: one for batch 1, one for 2..gemv_rows, one above).
+        # Compiled decode: one dynamic-shape layer graph serves every batch size >= 2.
         self.compiled = compile_decode
-        # Before the forwards take the modules (the compiled one holds the lm_head).
-        self.gemv_rows = gemv_rows if supports_lean_prefill(model) else 0
+        rope = (static_rope_table(model, max_model_len)
+                if compile_decode or compile_prefill or gemv_rows else None)
+        self.gemv_rows = gemv_rows if gemv_rows and supports_lean_decode(model, rope) else 0
+        wide = compiled_decode_forward(model, rope) if compile_decode else self._forward
+        self._decode_forward = wide
         if self.gemv_rows:
-            use_gemv(model, self.gemv_rows)
-        rope = (static_rope_table(model, max_model_len) if compile_decode or compile_prefill
-                else None)
-        self._decode_forward = (compiled_decode_forward(model, rope) if compile_decode
-                                else self._forward)
+            lean = LeanDecode(model, rope)
+
+            def forward(ids: torch.Tensor, pos: torch.Tensor, meta: PagedMetadata,
+                        keep: None) -> torch.Tensor:
+                """A Python check of the row count: each graph bucket captures one side."""
+                return (lean if ids.shape[0] <= self.gemv_rows else wide)(ids, pos, meta, keep)
+
+            self._decode_forward = forward
         # Flash attention's variable-length form serves prefill on CUDA in 16-bit.
         self._varlen = device.type == "cuda" and kv.data.dtype in (torch.float16, torch.bfloat16)
         # Prefill: the same math without the HF modules' host overhead where the layout allows
@@ -72,7 +80,7 @@ class ModelRunner:
     @property
     def min_decode_batch(self) -> int:
         """The smallest decode graph bucket: compiled layers specialise size 1, so batch 1 pads
-        to 2 (one graph fewer to compile) unless the GEMV serves it, fastest at one row."""
+        to 2 (one graph fewer to compile) unless the lean decode serves it."""
         return 2 if self.compiled and not self.gemv_rows else 1
 
     def capture(self) -> dict[str, float]:

@@ -47,12 +47,13 @@ def online_softmax_step(s, v, m_i, l_i, acc):
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, wblk_ptr,
-                         woff_ptr, table_ptr, ctx_ptr, qk_scale, num_heads,
+                         woff_ptr, table_ptr, ctx_ptr, rope_ptr, qk_scale, num_heads,
                          stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
                          stride_ot, stride_oh,
-                         stride_kb, stride_kh, stride_kt, stride_tb,
+                         stride_kb, stride_kh, stride_kt, stride_tb, stride_rp,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                         BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+                         BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                         ROPE: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -65,11 +66,23 @@ def _paged_decode_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_pt
     d = tl.arange(0, D)
     heads = kvh * GROUP + g
     gmask = g < GROUP
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=gmask[:, None], other=0.0)
+    q_row = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
+    q = tl.load(q_row + d[None, :], mask=gmask[:, None], other=0.0)
     # The new token: its owner stores it for later steps and uses it from registers now.
-    k_new = tl.load(kn_ptr + seq * stride_knt + kvh * stride_knh + d)
+    k_row = kn_ptr + seq * stride_knt + kvh * stride_knh
+    k_new = tl.load(k_row + d)
     v_new = tl.load(vn_ptr + seq * stride_vnt + kvh * stride_vnh + d)
+    if ROPE:    # q and k arrive unrotated: rotate_half's pairs (d, d +- D/2) at position ctx-1
+        cos_sin = rope_ptr + (ctx - 1) * stride_rp
+        cos = tl.load(cos_sin + d).to(tl.float32)
+        sin = tl.load(cos_sin + D + d).to(tl.float32)
+        pair = (d + D // 2) % D
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        q_pair = tl.load(q_row + pair[None, :], mask=gmask[:, None], other=0.0)
+        q = (q.to(tl.float32) * cos[None, :]
+             + sign[None, :] * q_pair.to(tl.float32) * sin[None, :]).to(q.dtype)
+        k_new = (k_new.to(tl.float32) * cos
+                 + sign * tl.load(k_row + pair).to(tl.float32) * sin).to(k_new.dtype)
     if owns_new:
         slot = (tl.load(wblk_ptr + seq) * stride_kb + kvh * stride_kh
                 + tl.load(woff_ptr + seq) * stride_kt)
@@ -153,13 +166,16 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, write_blocks: torch.Tensor,
                  write_offsets: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, splits: int | None = None,
-                 launch: Launch | None = None) -> torch.Tensor:
+                 launch: Launch | None = None, rope: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, D], k_new/v_new [B, KVH, D]; caches [N, KVH, BS, D] (D contiguous).
 
     Stores k_new/v_new at (write_blocks, write_offsets), position context_lens - 1 of each
     sequence, and returns attention over positions 0..context_lens - 1: [B, H, D]. `splits`
     (default: num_splits of the batch and the table width) > 1 runs the split-K path; `launch`
-    (default: default_launch) sets the tile and launch settings.
+    (default: default_launch) sets the tile and launch settings. `rope` [positions, 2, D]
+    (cos, then sin, per position: compiled.rope_table's): q and k_new arrive unrotated and
+    are rotated here (transformers' rotate_half convention) at position context_lens - 1, so
+    the rotary embedding needs no kernel of its own.
     """
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -183,12 +199,13 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         l = torch.empty_like(m)
     _paged_decode_kernel[(batch, kv_heads, splits)](
         q, k_new, v_new, k_cache, v_cache, acc, m, l, write_blocks, write_offsets, block_tables,
-        context_lens, scale * 1.4426950408889634, heads,
+        context_lens, rope if rope is not None else q, scale * 1.4426950408889634, heads,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
         v_new.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        rope.stride(0) if rope is not None else 0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BS=block_size,
-        BLOCK_N=launch.block_n, SPLITS=splits, num_warps=launch.num_warps,
+        BLOCK_N=launch.block_n, SPLITS=splits, ROPE=rope is not None, num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     if splits > 1:
         _merge_splits_kernel[(batch, heads)](

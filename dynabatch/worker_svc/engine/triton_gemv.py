@@ -28,7 +28,8 @@ is masked). The launch configuration comes from _TABLE or default_config, fixed 
 captured in a CUDA graph. tools/micro_gemv.py times it against F.linear and sweeps configs.
 
 Decode only: for M > 16 use F.linear (cuBLAS), which is compute-efficient there. The engine
-routes decode steps of up to 2 rows through it (fusion.use_gemv), the lm_head included: at the
+runs decode steps of up to 2 rows through it (lean_decode.py, with the fused norm / SiLU /
+residual forms), the lm_head included: at the
 1B shape (K 2048, N 128256, 525 MB, the largest weight read of a step) default_config gives it
 gate_up's per-program tile (16 columns x 512 K at one row, x 256 at two) over 8,016 programs,
 ~60 per SM, so no table entry until tools/micro_gemv.py (shape "lm_head") says otherwise.
@@ -52,11 +53,12 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_per_split,
-                 stride_xm, stride_wn, stride_ym,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, g_ptr, r_ptr, eps, M, N, K,
+                 k_per_split, stride_xm, stride_wn, stride_ym, stride_rm,
                  M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SPLIT: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, NORM: tl.constexpr,
+                 SILU_MUL: tl.constexpr, RESIDUAL: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,8 +72,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_per
         acc = _dot_tiles(x_ptr, w_ptrs, rm, rk, M, stride_xm, k_lo, k_hi, M_PAD, BLOCK_N,
                          BLOCK_K, EVEN_K, NUM_STAGES)
     else:
-        acc = _fma_tiles(x_ptr, w_ptrs, rk, M, stride_xm, k_lo, k_hi, M_PAD, BLOCK_N, BLOCK_K,
-                         EVEN_K, NUM_STAGES)
+        acc = _fma_tiles(x_ptr, w_ptrs, g_ptr, eps, rk, M, K, stride_xm, k_lo, k_hi, M_PAD,
+                         BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, NORM, SILU_MUL)
     out_mask = (rm < M)[:, None] & (rn < N)[None, :]
     if SPLIT > 1:
         part_ptrs = part_ptr + (rm[:, None] * N + rn[None, :])
@@ -83,10 +85,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_per
             for s in tl.static_range(SPLIT):
                 acc += tl.load(part_ptrs + s * M * N, mask=out_mask, other=0.0,
                                cache_modifier=".cg")
-            _store_out(acc, b_ptr, y_ptr, rm, rn, N, stride_ym, out_mask, HAS_BIAS)
+            _store_out(acc, b_ptr, y_ptr, r_ptr, rm, rn, N, stride_ym, stride_rm, out_mask,
+                       HAS_BIAS, RESIDUAL)
             tl.atomic_xchg(count_ptr + pid_n, 0)
     else:
-        _store_out(acc, b_ptr, y_ptr, rm, rn, N, stride_ym, out_mask, HAS_BIAS)
+        _store_out(acc, b_ptr, y_ptr, r_ptr, rm, rn, N, stride_ym, stride_rm, out_mask,
+                   HAS_BIAS, RESIDUAL)
 
 
 @triton.jit
@@ -115,29 +119,69 @@ def _dot_tiles(x_ptr, w_ptrs, rm, rk, M, stride_xm, k_lo, k_hi, M_PAD: tl.conste
 
 
 @triton.jit
-def _fma_tiles(x_ptr, w_ptrs, rk, M, stride_xm, k_lo, k_hi, M_PAD: tl.constexpr,
+def _rstd(x_row, eps, K, rk, BLOCK_K: tl.constexpr):
+    """RMSNorm's 1 / sqrt(mean(x^2) + eps) of one row of K (read whole, from L2: every
+    program of the call reads the same row), fp32."""
+    ss = tl.zeros([BLOCK_K], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        v = tl.load(x_row + k + rk, mask=(k + rk) < K, other=0.0).to(tl.float32)
+        ss += v * v
+    return tl.rsqrt(tl.sum(ss, 0) / K + eps)
+
+
+@triton.jit
+def _x_tile(x_row, g_ptr, rstd, k, rk, kmask, K, EVEN_K: tl.constexpr, NORM: tl.constexpr,
+            SILU_MUL: tl.constexpr):
+    """One BLOCK_K tile of a row of the GEMV's input, fp32, rounded as transformers' modules
+    round it in x's dtype: RMSNorm(x) * g (NORM), or silu(gate) * up of a row [gate | up]
+    of 2K (SILU_MUL), or x itself."""
+    x = _load(x_row + k + rk, kmask, EVEN_K)
+    if NORM:
+        g = _load(g_ptr + k + rk, kmask, EVEN_K).to(tl.float32)
+        x = (g * (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+    if SILU_MUL:
+        up = _load(x_row + K + k + rk, kmask, EVEN_K).to(tl.float32)
+        gate = x.to(tl.float32)
+        x = ((gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32) * up).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _fma_tiles(x_ptr, w_ptrs, g_ptr, eps, rk, M, K, stride_xm, k_lo, k_hi, M_PAD: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               NUM_STAGES: tl.constexpr):
+               NUM_STAGES: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr):
     """M_PAD (1, 2 or 4) rows of fp32 FMAs into [BLOCK_N, BLOCK_K] tiles, one per row (the
     rows are unrolled: a 3-D [M, N, K] tile gets a scalar-per-thread layout), reduced over K
-    after the loop: [M_PAD, BLOCK_N]."""
+    after the loop: [M_PAD, BLOCK_N]. NORM / SILU_MUL: the input is transformed on the fly
+    (_x_tile), so the norm or activation needs no kernel of its own."""
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
-    x0 = x_ptr + rk
-    x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm + rk
-    x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm + rk
-    x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm + rk
+    x0 = x_ptr
+    x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm
+    x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm
+    x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm
+    r0 = 1.0
+    r1 = 1.0
+    r2 = 1.0
+    r3 = 1.0
+    if NORM:
+        r0 = _rstd(x0, eps, K, rk, BLOCK_K)
+        if M_PAD > 1:
+            r1 = _rstd(x1, eps, K, rk, BLOCK_K)
+        if M_PAD > 2:
+            r2 = _rstd(x2, eps, K, rk, BLOCK_K)
+            r3 = _rstd(x3, eps, K, rk, BLOCK_K)
     for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         kmask = (k + rk) < k_hi
         w = _load(w_ptrs + k, kmask[None, :], EVEN_K).to(tl.float32)
-        acc0 += w * _load(x0 + k, kmask, EVEN_K).to(tl.float32)[None, :]
+        acc0 += w * _x_tile(x0, g_ptr, r0, k, rk, kmask, K, EVEN_K, NORM, SILU_MUL)[None, :]
         if M_PAD > 1:
-            acc1 += w * _load(x1 + k, kmask, EVEN_K).to(tl.float32)[None, :]
+            acc1 += w * _x_tile(x1, g_ptr, r1, k, rk, kmask, K, EVEN_K, NORM, SILU_MUL)[None, :]
         if M_PAD > 2:
-            acc2 += w * _load(x2 + k, kmask, EVEN_K).to(tl.float32)[None, :]
-            acc3 += w * _load(x3 + k, kmask, EVEN_K).to(tl.float32)[None, :]
+            acc2 += w * _x_tile(x2, g_ptr, r2, k, rk, kmask, K, EVEN_K, NORM, SILU_MUL)[None, :]
+            acc3 += w * _x_tile(x3, g_ptr, r3, k, rk, kmask, K, EVEN_K, NORM, SILU_MUL)[None, :]
     rm = tl.arange(0, M_PAD)[:, None]
     acc = tl.where(rm == 0, tl.sum(acc0, 1)[None, :], 0.0)
     if M_PAD > 1:
@@ -149,11 +193,15 @@ def _fma_tiles(x_ptr, w_ptrs, rk, M, stride_xm, k_lo, k_hi, M_PAD: tl.constexpr,
 
 
 @triton.jit
-def _store_out(acc, b_ptr, y_ptr, rm, rn, N, stride_ym, out_mask, HAS_BIAS: tl.constexpr):
+def _store_out(acc, b_ptr, y_ptr, r_ptr, rm, rn, N, stride_ym, stride_rm, out_mask,
+               HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=out_mask)
+    y = acc.to(y_ptr.dtype.element_ty)
+    if RESIDUAL:    # r + linear(x): the linear's output rounded first, as in the modules
+        r = tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=out_mask, other=0.0)
+        y = (r.to(tl.float32) + y.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=out_mask)
 
 
 @dataclass(frozen=True)
@@ -224,41 +272,60 @@ def _split_counters(device: torch.device) -> Optional[torch.Tensor]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         config: Optional[Config] = None) -> torch.Tensor:
+         config: Optional[Config] = None, *, norm: Optional[torch.Tensor] = None,
+         eps: float = 1e-6, silu_mul: bool = False,
+         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] with M <= 16, weight [N, K] (K contiguous),
     bf16 or fp16 (fp32 too: the engine's CPU tests), fp32 accumulation; returns [M, N] in
-    x's dtype. `config` (default: pick_config) is for tools/micro_gemv.py's sweep."""
+    x's dtype. `config` (default: pick_config) is for tools/micro_gemv.py's sweep.
+
+    Fused around it (at most 4 rows, the fma path), each rounded as transformers' modules
+    round it in x's dtype: `norm` [K]: the input is RMSNorm(x, eps) * norm; `silu_mul`: x is
+    [M, 2K], gate then up, and the input is silu(gate) * up; `residual` [M, N]: returns
+    residual + the linear's output."""
     if x.dim() != 2 or x.shape[0] > MAX_ROWS:
         raise ValueError(f"gemv takes 2-D x with at most {MAX_ROWS} rows, got {tuple(x.shape)}")
     if x.dtype not in _DTYPES or weight.dtype != x.dtype:
         raise ValueError(f"gemv takes bf16/fp16/fp32 x and weight of one dtype, got {x.dtype}, "
                          f"{weight.dtype}")
-    m, k = x.shape
+    m, k = x.shape[0], x.shape[1] // 2 if silu_mul else x.shape[1]
     n = weight.shape[0]
+    if silu_mul and x.shape[1] != 2 * k:
+        raise ValueError(f"silu_mul takes x of an even width [M, 2K], got {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"weight must be [N, {k}] with K contiguous, got {tuple(weight.shape)}"
                          f" strides {weight.stride()}")
     if weight.stride(0) * n >= 2 ** 31:
         raise ValueError(f"weight offsets must fit int32, got {tuple(weight.shape)} strides "
                          f"{weight.stride()}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    for name, t, shape in (("bias", bias, (n,)), ("norm", norm, (k,)),
+                           ("residual", residual, (m, n))):
+        if t is not None and (t.shape != shape or t.dtype != x.dtype):
+            raise ValueError(f"{name} must be {list(shape)} of {x.dtype}, got "
+                             f"{tuple(t.shape)} of {t.dtype}")
+    fused = norm is not None or silu_mul or residual is not None
+    if fused and m > _FMA_ROWS:
+        raise ValueError(f"norm, silu_mul and residual take at most {_FMA_ROWS} rows, got {m}")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
-    if k == 0:
+    if k == 0 and not fused:
         return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
     if x.stride(1) != 1:
         x = x.contiguous()
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()
+    bias, norm, residual = (None if t is None else t if t.stride(-1) == 1 else t.contiguous()
+                            for t in (bias, norm, residual))
     cfg = config or pick_config(m, k, n, _sm_count(x.device))
-    return _launch(x, weight, bias, y, cfg)
+    if fused and cfg.dot:
+        cfg = default_config(m, k, n, _sm_count(x.device))
+    return _launch(x, weight, bias, y, cfg, norm, eps, silu_mul, residual)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            y: torch.Tensor, cfg: Config) -> torch.Tensor:
-    m, k = x.shape
+            y: torch.Tensor, cfg: Config, norm: Optional[torch.Tensor] = None,
+            eps: float = 0.0, silu_mul: bool = False,
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    m, k = x.shape[0], weight.shape[1]
     n = weight.shape[0]
     if not cfg.dot and m > _FMA_ROWS:
         raise ValueError(f"the fma path takes at most {_FMA_ROWS} rows, got {m}")
@@ -275,24 +342,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         part = counters = y                      # unused
     m_pad = max(16, padded_rows(m)) if cfg.dot else padded_rows(m)
     _gemv_kernel[(blocks, split)](
-        x, weight, bias if bias is not None else y, y, part, counters, m, n, k, k_per_split,
-        x.stride(0), weight.stride(0), y.stride(0),
+        x, weight, bias if bias is not None else y, y, part, counters,
+        norm if norm is not None else y, residual if residual is not None else y, eps,
+        m, n, k, k_per_split, x.stride(0), weight.stride(0), y.stride(0),
+        residual.stride(0) if residual is not None else 0,
         M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split, DOT=cfg.dot,
         EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
+        NORM=norm is not None, SILU_MUL=silu_mul, RESIDUAL=residual is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
-
-
-@torch.library.custom_op("dynabatch::gemv", mutates_args=())
-def gemv_op(x: torch.Tensor, weight: torch.Tensor,
-            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """gemv as an opaque op for torch.compile (inductor neither traces nor fuses into it)."""
-    return gemv(x, weight, bias)
-
-
-@gemv_op.register_fake
-def _gemv_fake(x: torch.Tensor, weight: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[0] > MAX_ROWS:
-        raise ValueError(f"gemv takes 2-D x with at most {MAX_ROWS} rows, got {tuple(x.shape)}")
-    return x.new_empty(x.shape[0], weight.shape[0])
