@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 # Without a GPU there is no free memory to size the pool from: this many blocks by default.
 CPU_DEFAULT_BLOCKS = 4096
-# Decode steps of up to this many rows use the Triton GEMV on CUDA (faster than cuBLAS at 1 row,
-# about even at 2, slower from 4: bench/results/engine_h200.md, session 6).
+# Decode steps of up to this many rows run lean_decode.py on CUDA (its GEMV: faster than cuBLAS
+# at 1 row, about even at 2, slower from 4: bench/results/engine_h200.md, session 6).
 DEFAULT_GEMV_ROWS = 2
 
 
@@ -44,9 +44,10 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     for steps whose token count changes every time). `prefill_graphs` (with `cuda_graphs`, on
     CUDA) also replays prefill steps of up to 2048 tokens from graphs captured at bucketed
     token counts (prefill_graphs.py). `gemv_rows` (default: 2 on CUDA, 0 = off elsewhere,
-    where Triton would run in its interpreter) runs the linear layers of decode steps of at
-    most that many rows (1..16) through the Triton GEMV (fusion.py, triton_gemv.py); batch 1
-    then gets a decode graph of its own. The returned engine's `startup_s` is the
+    where Triton would run in its interpreter) runs decode steps of at most that many rows
+    (0..4) through lean_decode.py (the Triton GEMV with the norms, activation and residual
+    adds fused in, rotary inside the attention kernel); batch 1 then gets a decode graph of
+    its own. The returned engine's `startup_s` is the
     measured build time, warm-up compilation included; `startup_phases` splits it (seconds:
     load, kv_pool, engine_init, then those of ModelRunner.capture that ran).
     """
