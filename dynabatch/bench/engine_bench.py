@@ -48,10 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run prefill steps unpadded (default replays graphs at bucketed token "
                         "counts on CUDA)")
     p.add_argument("--gemv-rows", type=int, default=None,
-                   help="decode steps of at most this many rows use the Triton GEMV for their "
-                        "linear layers (default 2 on CUDA, 0 = off elsewhere)")
+                   choices=range(5), metavar="0..4",
+                   help="decode steps of at most this many rows run the lean decode (Triton "
+                        "GEMV with fused norms; default 2 on CUDA, 0 = off elsewhere)")
     p.add_argument("--no-gemv", dest="gemv_rows", action="store_const", const=0,
-                   help="decode with cuBLAS only (same as --gemv-rows 0)")
+                   help="decode every step through the compiled HF layers and cuBLAS (same as "
+                        "--gemv-rows 0)")
     p.add_argument("--kv-fraction", type=float, default=0.5,
                    help="share of free memory for the KV pool (leaves room for the baseline)")
     p.add_argument("--prefill-budget", type=int, default=8192)
