@@ -97,3 +97,9 @@ def test_compiled_bucket_graphs_call_gemv_up_to_the_threshold(llama_path: Path, 
                                                               r.max_tokens)
     assert not counters["stats"]["unique_graphs"] and not counters["recompiles"]
     _check_calls(gemv_calls, {2: 3, 1: 3})
+
+
+def test_gemv_rows_out_of_range_is_refused(llama_path: Path) -> None:
+    """The fused GEMV forms take at most 4 rows: a larger threshold is a clear error."""
+    with pytest.raises(ValueError, match="gemv_rows must be in 0..4"):
+        engine_for(llama_path, gemv_rows=5)
