@@ -1,4 +1,4 @@
-"""Weight-streaming GEMM for the decode step: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M <= 16.
+"""Weight-streaming GEMM for the decode step: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M <= 64.
 
 Why: at decode batch 1..16 a linear layer is a pure weight read (M x K activations against
 N x K weights), so its floor is weight bytes / HBM bandwidth. cuBLAS on an H200 (~4.25 TB/s
@@ -14,7 +14,7 @@ Small BLOCK_N gives hundreds of programs, so every SM keeps several tiles in fli
 - M <= 4 ("fma" path): fp32 products accumulate elementwise in one [BLOCK_N, BLOCK_K]
   register tile per row of x (rows unrolled; a 3-D tile gets a scalar-per-thread layout)
   and are reduced over K once, after the loop (no shuffles inside it).
-- M > 4 ("dot" path): x is padded to 16 rows and tl.dot (tensor cores) does the reduction;
+- M > 4 ("dot" path): x is padded to 16 rows (or the next power of 2) and tl.dot (tensor cores) does the reduction;
   BLOCK_N >= 16 then, so the narrow shapes need split-K to fill the GPU.
 - Split-K stays one kernel: SPLIT programs per column block each write an fp32 partial, take
   a ticket from a per-block counter (acq_rel atomic); the last to arrive sums the partials in
@@ -27,7 +27,8 @@ is masked). The launch configuration comes from _TABLE or default_config, fixed 
 (M, K, N): no autotuning, no host sync, only torch.empty allocations, so a call can be
 captured in a CUDA graph. tools/micro_gemv.py times it against F.linear and sweeps configs.
 
-Decode only: for M > 16 use F.linear (cuBLAS), which is compute-efficient there. The engine
+Decode only: above 64 rows use F.linear (cuBLAS), which is compute-efficient there; 17-64
+rows are for tools/micro_gemv.py to measure against cuBLAS (the engine uses 1-4). The engine
 runs decode steps of up to 2 rows through it (lean_decode.py, with the fused norm / SiLU /
 residual forms), the lm_head included: at the
 1B shape (K 2048, N 128256, 525 MB, the largest weight read of a step) default_config gives it
@@ -45,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16
+MAX_ROWS = 64
 _COUNTERS = 1 << 16          # split-K tickets: one int32 per column block, per device
 _REG_BUDGET = 64             # fp32 accumulator registers per thread on the fma path
 _FMA_ROWS = 4                # the fma path's most rows (unrolled); more go to tl.dot
@@ -240,7 +241,7 @@ def default_config(m: int, k: int, n: int, sm_count: int = 132) -> Config:
         iters = triton.cdiv(k, block_k)
         return Config(block_n, block_k, num_stages=min(2, iters))   # 3 stages cap occupancy
     block_n = 32 if n >= 32 * target else 16
-    block_k = max(16, min(k_pow2, 256))
+    block_k = max(16, min(k_pow2, 256 if m_pad <= 16 else 128))
     blocks = triton.cdiv(n, block_n)
     split = _pow2_floor(max(1, min(4, -(-target // blocks), k // (2 * block_k))))
     return Config(block_n, block_k, num_stages=3, split=split, dot=True)
@@ -275,7 +276,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
          config: Optional[Config] = None, *, norm: Optional[torch.Tensor] = None,
          eps: float = 1e-6, silu_mul: bool = False,
          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [M, K] with M <= 16, weight [N, K] (K contiguous),
+    """F.linear(x, weight, bias) for x [M, K] with M <= 64, weight [N, K] (K contiguous),
     bf16 or fp16 (fp32 too: the engine's CPU tests), fp32 accumulation; returns [M, N] in
     x's dtype. `config` (default: pick_config) is for tools/micro_gemv.py's sweep.
 
