@@ -8,6 +8,8 @@ client processes) runs on the same machine: its CPU is reported too, and counts 
 Two phases: `admissions` (many short requests: admission + queue + relay per request) and
 `streaming` (long requests: token relay throughput).
 
+`--driver many` sends each client connection's requests over one GenerateMany call (the SDK's
+`client.many()`), so gRPC's per-call cost is paid once per connection, not per request.
 `--driver h2load` replaces the Python SDK load generator (0.7-1 core of the same machine) with
 nghttp2's h2load, in C (bench/h2load.py); the stack's own counters (requests completed /
 rejected / failed) are read before and after each phase and must agree with it.
@@ -93,11 +95,11 @@ async def _serve_floor(port: int) -> None:
 
 
 async def _drive(target: str, seconds: float, concurrency: int, max_tokens: int,
-                 channels: int) -> dict:
+                 channels: int, many: bool) -> dict:
     counts = {"admitted": 0, "completed": 0, "tokens": 0, "rejected": 0, "errors": 0}
     end = time.monotonic() + seconds
 
-    async def one_stream(client: AsyncDynabatchClient) -> None:
+    async def one_stream(client) -> None:     # a client, or a GenerateMany call
         while time.monotonic() < end:
             first = True
             try:
@@ -118,14 +120,22 @@ async def _drive(target: str, seconds: float, concurrency: int, max_tokens: int,
     clients = [AsyncDynabatchClient(target, timeout=seconds + 30,
                                     options=[("grpc.use_local_subchannel_pool", 1)])
                for _ in range(channels)]
-    await asyncio.gather(*(one_stream(clients[i % channels]) for i in range(concurrency)))
+    if not many:
+        await asyncio.gather(*(one_stream(clients[i % channels]) for i in range(concurrency)))
+    else:       # one GenerateMany call per connection, carrying its share of the streams
+        calls = [client.many() for client in clients]
+        for call in calls:
+            await call.__aenter__()
+        await asyncio.gather(*(one_stream(calls[i % channels]) for i in range(concurrency)))
+        for call in calls:
+            await call.__aexit__(None, None, None)
     for client in clients:
         await client.close()
     return counts
 
 
-def _driver_process(target, seconds, concurrency, max_tokens, channels, out) -> None:
-    counts = asyncio.run(_drive(target, seconds, concurrency, max_tokens, channels))
+def _driver_process(target, seconds, concurrency, max_tokens, channels, many, out) -> None:
+    counts = asyncio.run(_drive(target, seconds, concurrency, max_tokens, channels, many))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out.put({**counts, "client_cpu_s": usage.ru_utime + usage.ru_stime})
 
@@ -146,7 +156,7 @@ def phase(target: str, pids: list[int], name: str, seconds: float, procs: int, c
         concurrency, channels = concurrency * procs, channels * procs
         total = h2load.run(target, seconds, concurrency, max_tokens, channels, procs)
     else:
-        total = _sdk(target, seconds, procs, concurrency, max_tokens, channels)
+        total = _sdk(target, seconds, procs, concurrency, max_tokens, channels, driver == "many")
     wall, cpu = time.monotonic() - t0, sum(map(tree_cpu_seconds, pids)) - cpu0
     server = None
     if counters and c0 is not None:
@@ -169,10 +179,10 @@ def phase(target: str, pids: list[int], name: str, seconds: float, procs: int, c
 
 
 def _sdk(target: str, seconds: float, procs: int, concurrency: int, max_tokens: int,
-         channels: int) -> dict:
+         channels: int, many: bool) -> dict:
     out: mp.Queue = mp.Queue()
     drivers = [mp.Process(target=_driver_process,
-                          args=(target, seconds, concurrency, max_tokens, channels, out))
+                          args=(target, seconds, concurrency, max_tokens, channels, many, out))
                for _ in range(procs)]
     for d in drivers:
         d.start()
@@ -292,10 +302,14 @@ def main(argv: list[str] | None = None) -> int:
                         "keep this process's CPUs: run it under taskset to keep them apart)")
     p.add_argument("--floor", action="store_true",
                    help="admissions against a gRPC server that does nothing (the ceiling)")
-    p.add_argument("--driver", choices=("sdk", "h2load"), default="sdk",
-                   help="load generator: the Python SDK (client processes), or nghttp2's h2load "
-                        "(C, one process, one thread per --client-procs, --channels connections "
-                        "per thread; apt-get install nghttp2-client)")
+    p.add_argument("--driver", choices=("sdk", "many", "h2load"), default="sdk",
+                   help="load generator: the Python SDK (client processes; a Generate call per "
+                        "request), the SDK's GenerateMany (one call per --channels connection "
+                        "carries all its requests), or nghttp2's h2load (C, one process, one "
+                        "thread per --client-procs, --channels connections per thread; apt-get "
+                        "install nghttp2-client)")
+    p.add_argument("--streams", type=int, default=256,
+                   help="concurrent streams per client process (each runs requests back to back)")
     p.add_argument("--json", help="write results here")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -304,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve_floor(args.port) if args.floor
                     else _serve(args.workers, args.max_running, args.port))
         return 0
+    if args.driver == "many" and args.floor:
+        raise SystemExit("--floor answers Generate only: use --driver sdk or h2load with it")
     if args.driver == "h2load" and not shutil.which("h2load"):
         raise SystemExit(h2load.H2LOAD_MISSING)
     if args.driver == "h2load" and args.redis_url and args.processes > 1:
@@ -319,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 (lambda: _stats_counts(target)) if args.redis_url else _pipe_counts(procs))
     run = [("admissions", 1)] + ([] if args.floor else [("streaming", 2000)])
     try:
-        phases = [phase(target, pids, name, args.seconds, args.client_procs, 256, tokens,
+        phases = [phase(target, pids, name, args.seconds, args.client_procs, args.streams, tokens,
                         args.channels, args.driver, counters) for name, tokens in run]
     finally:
         for proc in procs:

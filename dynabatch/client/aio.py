@@ -8,6 +8,7 @@ import grpc
 
 from dynabatch.client import tracing
 from dynabatch.client.errors import from_rpc_error
+from dynabatch.client.many import ManyCall
 from dynabatch.client.request import GenerateResult, build_request
 from dynabatch.client.resume import StreamState, call_metadata
 from dynabatch.v1 import scheduler_pb2 as pb
@@ -51,6 +52,11 @@ class AsyncDynabatchClient:
         """Yield each token delta as it arrives; raises a DynabatchError subclass on failure."""
         state = StreamState(build_request(prompt, **fields), timeout or self.timeout,
                             self.resume_retries)
+        async for msg in self.follow(state):
+            yield msg
+
+    async def follow(self, state: StreamState) -> AsyncIterator[pb.GenerateResponse]:
+        """A request's stream from where `state` stands (a Generate, or a Resume)."""
         call_trace, metadata = tracing.start(self.tracer, state.request, self.metadata)
         call, finished = None, False
         try:
@@ -84,6 +90,12 @@ class AsyncDynabatchClient:
         async for msg in self.stream(prompt, timeout=timeout, **fields):
             result.add(msg)
         return result
+
+    def many(self, *, timeout: float | None = None) -> ManyCall:
+        """One GenerateMany call for many requests (`async with client.many() as many:` then
+        `many.stream(...)` / `many.generate(...)` per request, as on the client): for high
+        submission rates. `timeout` bounds the whole call."""
+        return ManyCall(self, timeout or self.timeout)
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel a request by id; False if it was unknown or already finished."""

@@ -62,11 +62,19 @@ _BY_CODE = {
 
 def from_rpc_error(err: grpc.RpcError, request_id: str = "") -> DynabatchError:
     """Map a grpc error (sync or aio) to its typed exception."""
-    code, details = err.code(), err.details() or ""
+    return error_for(err.code(), err.details() or "", request_id, _retry_after(err))
+
+
+def error_for(code: grpc.StatusCode, details: str, request_id: str = "",
+              retry_after_s: float = 0.0) -> DynabatchError:
+    """The typed exception of a status code (from an RPC, or a GenerateMany RequestError)."""
     cls = _BY_CODE.get(code, DynabatchError)
     if cls is ResourceExhausted:
-        return ResourceExhausted(code, details, request_id, _retry_after(err))
+        return ResourceExhausted(code, details, request_id, retry_after_s)
     return cls(code, details, request_id)
+
+
+CODES = {c.value[0]: c for c in grpc.StatusCode}     # a status code by its number
 
 
 def _retry_after(err: grpc.RpcError) -> float:

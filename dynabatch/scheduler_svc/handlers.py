@@ -3,7 +3,8 @@
 The generated add_SchedulerServicer_to_server deserializes with FromString: bytes that do not
 decode (invalid UTF-8 in a string field, truncated varints) would end the call with INTERNAL
 before the servicer runs. Here the deserializer never raises: it hands the servicer a Malformed
-value, which the servicer answers with INVALID_ARGUMENT.
+value (on a client stream, in place of the message), which the servicer answers with
+INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
@@ -36,11 +37,15 @@ def _serialize(msg) -> bytes:
     return msg.SerializeToString()
 
 
+FACTORIES = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+
+
 def add_scheduler_service(servicer, server: grpc.aio.Server) -> None:
     handlers = {}
     for method in SERVICE.methods:
-        factory = (grpc.unary_stream_rpc_method_handler if method.server_streaming
-                   else grpc.unary_unary_rpc_method_handler)
+        factory = FACTORIES[method.client_streaming, method.server_streaming]
         handlers[method.name] = factory(
             getattr(servicer, method.name),
             request_deserializer=_lenient(message_factory.GetMessageClass(method.input_type)),

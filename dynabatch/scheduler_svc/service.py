@@ -10,9 +10,10 @@ import grpc
 
 from dynabatch.scheduler_svc.batching import BatchingLoop, to_waiting
 from dynabatch.scheduler_svc.handlers import Malformed
+from dynabatch.scheduler_svc.many import ManyCall
 from dynabatch.scheduler_svc.policy import Policy, Waiting
 from dynabatch.scheduler_svc.requests import Failure, RequestTable, Tracked
-from dynabatch.scheduler_svc.telemetry import RpcTelemetry, SchedulerTelemetry
+from dynabatch.scheduler_svc.telemetry import METHOD, RpcTelemetry, SchedulerTelemetry
 from dynabatch.scheduler_svc.validation import InvalidRequest, Limits, ModelInfo, validate
 from dynabatch.v1 import scheduler_pb2 as pb
 from dynabatch.v1 import scheduler_pb2_grpc
@@ -102,7 +103,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # A coroutine writing its messages (grpc.aio's reader/writer API), not an async
         # generator that grpc iterates: no generator layers between a message and its write.
-        with self.telemetry.rpc(request, context, self.default_model) as rpc:
+        await self.generate(request, context)
+
+    async def GenerateMany(self, requests, context: grpc.aio.ServicerContext) -> None:
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
+        await ManyCall(self, context).run(requests)
+
+    async def generate(self, request: pb.GenerateRequest, context, method: str = METHOD) -> None:
+        """One request from admission to its last message, written to `context` (a Generate
+        call's, or a GenerateMany request's stand-in)."""
+        with self.telemetry.rpc(request, context, self.default_model, method) as rpc:
             tracked, header = await self._admit(request, context, rpc)
             await self._stream(tracked, 0, request.skip_text, context, rpc, header)
 

@@ -38,6 +38,7 @@ OPERATION = GA.GenAiOperationNameValues.TEXT_COMPLETION.value
 PROVIDER = "dynabatch"
 METHOD = "dynabatch.v1.Scheduler/Generate"
 METHOD_RESUME = "dynabatch.v1.Scheduler/Resume"
+METHOD_MANY = "dynabatch.v1.Scheduler/GenerateMany"
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
           pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_ERROR: "error"}
 PRIORITY = {pb.PRIORITY_LOW: "low", pb.PRIORITY_NORMAL: "normal", pb.PRIORITY_HIGH: "high"}
@@ -123,14 +124,15 @@ class SchedulerTelemetry:
 
     # -- the RPCs ------------------------------------------------------------------------------
     def rpc(self, request: pb.GenerateRequest | pb.ResumeRequest, context: grpc.aio.ServicerContext,
-            default_model: str) -> RpcTelemetry:
-        """Wraps a whole Generate or Resume call (`with telemetry.rpc(...) as rpc:`); ends its
-        span on the way out (and counts a Generate that was refused)."""
-        return RpcTelemetry(self._start_span(request, context, default_model), self.metrics,
+            default_model: str, method: str = METHOD) -> RpcTelemetry:
+        """Wraps a whole Generate or Resume call, or one request of a GenerateMany call (`with
+        telemetry.rpc(...) as rpc:`); ends its span on the way out (and counts a request that
+        was refused)."""
+        return RpcTelemetry(self._start_span(request, context, default_model, method), self.metrics,
                             isinstance(request, pb.ResumeRequest), self.active, self, context)
 
     def _start_span(self, request, context: grpc.aio.ServicerContext,
-                    default_model: str) -> trace.Span | None:
+                    default_model: str, method: str) -> trace.Span | None:
         if self.tracer is None:
             return None
         carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -143,7 +145,7 @@ class SchedulerTelemetry:
         else:       # a GenerateRequest, or bytes that did not decode as one (Malformed)
             model = getattr(request, "model", "") or default_model
             name = f"generate {model}"
-            attrs.update({RPC_METHOD: METHOD, GA.GEN_AI_REQUEST_MODEL: model})
+            attrs.update({RPC_METHOD: method, GA.GEN_AI_REQUEST_MODEL: model})
             if isinstance(request, pb.GenerateRequest):
                 attrs.update(_request_attributes(request))
         return self.tracer.start_span(name, context=telemetry.extract(carrier),

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64ynabatch/v1/scheduler.proto\x12\x0c\x64ynabatch.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xf1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.dynabatch.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12(\n\x08priority\x18\t \x01(\x0e\x32\x16.dynabatch.v1.Priority\x12\x1e\n\x16\x65xpected_output_tokens\x18\n \x01(\x05\x12\x16\n\x0ettft_target_ms\x18\x0b \x01(\r\x12\x16\n\x0etpot_target_ms\x18\x0c \x01(\r\x12\x14\n\x0cmax_queue_ms\x18\r \x01(\r\x12\x11\n\tskip_text\x18\x0e \x01(\x08\"\xd3\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\routput_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61rrival_unix_ns\x18\x07 \x01(\x03\x12\x1e\n\x16\x66irst_step_end_unix_ns\x18\x08 \x01(\x03\x12\x1b\n\x13\x66irst_token_unix_ns\x18\t \x01(\x03\"\xb2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\r\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.dynabatch.v1.FinishReason\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.dynabatch.v1.Timings\"F\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\x11\n\tskip_text\x18\x03 \x01(\x08\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xfd\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x14\n\x0c\x62\x61tch_target\x18\x06 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_step_ms\x18\x07 \x01(\x01\x12\x17\n\x0fheartbeat_age_s\x18\x08 \x01(\x01\x12\x16\n\x0e\x65ngine_running\x18\t \x01(\r\x12\x16\n\x0e\x65ngine_waiting\x18\n \x01(\r\x12\x13\n\x0bpreemptions\x18\x0b \x01(\x04\"\xc8\x01\n\x10GetStatsResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x11\n\tcompleted\x18\x04 \x01(\x04\x12\x10\n\x08rejected\x18\x05 \x01(\x04\x12\x11\n\tcancelled\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12*\n\x07workers\x18\x08 \x03(\x0b\x32\x19.dynabatch.v1.WorkerStats\x12\x0e\n\x06models\x18\t \x03(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xb1\x02\n\tScheduler\x12K\n\x08Generate\x12\x1d.dynabatch.v1.GenerateRequest\x1a\x1e.dynabatch.v1.GenerateResponse0\x01\x12G\n\x06Resume\x12\x1b.dynabatch.v1.ResumeRequest\x1a\x1e.dynabatch.v1.GenerateResponse0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.dynabatch.v1.CancelRequest\x1a\x1c.dynabatch.v1.CancelResponse\x12I\n\x08GetStats\x12\x1d.dynabatch.v1.GetStatsRequest\x1a\x1e.dynabatch.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64ynabatch/v1/scheduler.proto\x12\x0c\x64ynabatch.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xf1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.dynabatch.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12(\n\x08priority\x18\t \x01(\x0e\x32\x16.dynabatch.v1.Priority\x12\x1e\n\x16\x65xpected_output_tokens\x18\n \x01(\x05\x12\x16\n\x0ettft_target_ms\x18\x0b \x01(\r\x12\x16\n\x0etpot_target_ms\x18\x0c \x01(\r\x12\x14\n\x0cmax_queue_ms\x18\r \x01(\r\x12\x11\n\tskip_text\x18\x0e \x01(\x08\"\xd3\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\routput_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61rrival_unix_ns\x18\x07 \x01(\x03\x12\x1e\n\x16\x66irst_step_end_unix_ns\x18\x08 \x01(\x03\x12\x1b\n\x13\x66irst_token_unix_ns\x18\t \x01(\x03\"\xb2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\r\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.dynabatch.v1.FinishReason\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.dynabatch.v1.Timings\"b\n\x13GenerateManyRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.dynabatch.v1.GenerateRequest\x12\x1a\n\x12\x63\x61ncel_request_ids\x18\x02 \x03(\t\"h\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\x12\r\n\x05\x65nded\x18\x05 \x01(\x08\"u\n\x14GenerateManyResponse\x12\x31\n\tresponses\x18\x01 \x03(\x0b\x32\x1e.dynabatch.v1.GenerateResponse\x12*\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1a.dynabatch.v1.RequestError\"F\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\x11\n\tskip_text\x18\x03 \x01(\x08\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xfd\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x14\n\x0c\x62\x61tch_target\x18\x06 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_step_ms\x18\x07 \x01(\x01\x12\x17\n\x0fheartbeat_age_s\x18\x08 \x01(\x01\x12\x16\n\x0e\x65ngine_running\x18\t \x01(\r\x12\x16\n\x0e\x65ngine_waiting\x18\n \x01(\r\x12\x13\n\x0bpreemptions\x18\x0b \x01(\x04\"\xc8\x01\n\x10GetStatsResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x11\n\tcompleted\x18\x04 \x01(\x04\x12\x10\n\x08rejected\x18\x05 \x01(\x04\x12\x11\n\tcancelled\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12*\n\x07workers\x18\x08 \x03(\x0b\x32\x19.dynabatch.v1.WorkerStats\x12\x0e\n\x06models\x18\t \x03(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x8c\x03\n\tScheduler\x12K\n\x08Generate\x12\x1d.dynabatch.v1.GenerateRequest\x1a\x1e.dynabatch.v1.GenerateResponse0\x01\x12Y\n\x0cGenerateMany\x12!.dynabatch.v1.GenerateManyRequest\x1a\".dynabatch.v1.GenerateManyResponse(\x01\x30\x01\x12G\n\x06Resume\x12\x1b.dynabatch.v1.ResumeRequest\x1a\x1e.dynabatch.v1.GenerateResponse0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.dynabatch.v1.CancelRequest\x1a\x1c.dynabatch.v1.CancelResponse\x12I\n\x08GetStats\x12\x1d.dynabatch.v1.GetStatsRequest\x1a\x1e.dynabatch.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dynabatch.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1534
-  _globals['_PRIORITY']._serialized_end=1628
-  _globals['_FINISHREASON']._serialized_start=1631
-  _globals['_FINISHREASON']._serialized_end=1780
+  _globals['_PRIORITY']._serialized_start=1859
+  _globals['_PRIORITY']._serialized_end=1953
+  _globals['_FINISHREASON']._serialized_start=1956
+  _globals['_FINISHREASON']._serialized_end=2105
   _globals['_SAMPLINGPARAMS']._serialized_start=46
   _globals['_SAMPLINGPARAMS']._serialized_end=141
   _globals['_GENERATEREQUEST']._serialized_start=144
@@ -43,18 +43,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS']._serialized_end=727
   _globals['_GENERATERESPONSE']._serialized_start=730
   _globals['_GENERATERESPONSE']._serialized_end=908
-  _globals['_RESUMEREQUEST']._serialized_start=910
-  _globals['_RESUMEREQUEST']._serialized_end=980
-  _globals['_CANCELREQUEST']._serialized_start=982
-  _globals['_CANCELREQUEST']._serialized_end=1017
-  _globals['_CANCELRESPONSE']._serialized_start=1019
-  _globals['_CANCELRESPONSE']._serialized_end=1054
-  _globals['_GETSTATSREQUEST']._serialized_start=1056
-  _globals['_GETSTATSREQUEST']._serialized_end=1073
-  _globals['_WORKERSTATS']._serialized_start=1076
-  _globals['_WORKERSTATS']._serialized_end=1329
-  _globals['_GETSTATSRESPONSE']._serialized_start=1332
-  _globals['_GETSTATSRESPONSE']._serialized_end=1532
-  _globals['_SCHEDULER']._serialized_start=1783
-  _globals['_SCHEDULER']._serialized_end=2088
+  _globals['_GENERATEMANYREQUEST']._serialized_start=910
+  _globals['_GENERATEMANYREQUEST']._serialized_end=1008
+  _globals['_REQUESTERROR']._serialized_start=1010
+  _globals['_REQUESTERROR']._serialized_end=1114
+  _globals['_GENERATEMANYRESPONSE']._serialized_start=1116
+  _globals['_GENERATEMANYRESPONSE']._serialized_end=1233
+  _globals['_RESUMEREQUEST']._serialized_start=1235
+  _globals['_RESUMEREQUEST']._serialized_end=1305
+  _globals['_CANCELREQUEST']._serialized_start=1307
+  _globals['_CANCELREQUEST']._serialized_end=1342
+  _globals['_CANCELRESPONSE']._serialized_start=1344
+  _globals['_CANCELRESPONSE']._serialized_end=1379
+  _globals['_GETSTATSREQUEST']._serialized_start=1381
+  _globals['_GETSTATSREQUEST']._serialized_end=1398
+  _globals['_WORKERSTATS']._serialized_start=1401
+  _globals['_WORKERSTATS']._serialized_end=1654
+  _globals['_GETSTATSRESPONSE']._serialized_start=1657
+  _globals['_GETSTATSRESPONSE']._serialized_end=1857
+  _globals['_SCHEDULER']._serialized_start=2108
+  _globals['_SCHEDULER']._serialized_end=2504
 # @@protoc_insertion_point(module_scope)

@@ -41,6 +41,11 @@ class SchedulerStub:
                 request_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/dynabatch.v1.Scheduler/GenerateMany',
+                request_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
         self.Resume = channel.unary_stream(
                 '/dynabatch.v1.Scheduler/Resume',
                 request_serializer=dynabatch_dot_v1_dot_scheduler__pb2.ResumeRequest.SerializeToString,
@@ -70,6 +75,22 @@ class SchedulerServicer:
         Errors: INVALID_ARGUMENT (a field is wrong; the message names it), RESOURCE_EXHAUSTED (queue
         full or the deadline cannot be met; trailing metadata "retry-after-ms"), DEADLINE_EXCEEDED
         (the request waited past its queue TTL), UNAVAILABLE (no worker can serve it), CANCELLED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """GenerateMany carries many requests over one call, for clients that submit at high rates
+        (a gateway, a trace replay): one call's gRPC cost is shared by all of them, and the deltas
+        of all of them are written together. Each client message submits requests (request_id is
+        required) and may cancel some; each server message carries deltas and errors of any of
+        them. A request's deltas are exactly those Generate would stream; a request that fails ends
+        with a RequestError carrying the status Generate would have ended with. The call ends (OK)
+        once the client has half-closed and every request on it has ended; a call that ends early
+        (the client went away, its deadline passed) cancels the requests still running on it.
+        Errors of the call itself: INVALID_ARGUMENT (a message that does not decode),
+        UNAVAILABLE (draining), UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +127,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateRequest.FromString,
                     response_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateManyRequest.FromString,
+                    response_serializer=dynabatch_dot_v1_dot_scheduler__pb2.GenerateManyResponse.SerializeToString,
             ),
             'Resume': grpc.unary_stream_rpc_method_handler(
                     servicer.Resume,
@@ -152,6 +178,33 @@ class Scheduler:
             '/dynabatch.v1.Scheduler/Generate',
             dynabatch_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
             dynabatch_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dynabatch.v1.Scheduler/GenerateMany',
+            dynabatch_dot_v1_dot_scheduler__pb2.GenerateManyRequest.SerializeToString,
+            dynabatch_dot_v1_dot_scheduler__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
