@@ -128,8 +128,8 @@ def test_graph_decode_with_gemv_matches_cublas(compiled: bool, monkeypatch) -> N
 
     calls: list[int] = []
     real = triton_gemv.gemv
-    monkeypatch.setattr(triton_gemv, "gemv", lambda x, w, b=None, config=None:
-                        (calls.append(x.shape[0]), real(x, w, b, config))[1])
+    monkeypatch.setattr(triton_gemv, "gemv", lambda x, w, b=None, config=None, **fused:
+                        (calls.append(x.shape[0]), real(x, w, b, config, **fused))[1])
     prompts = [[(5 * i + j) % 256 for j in range(3 + 11 * i)] for i in range(4)]
     results = []
     for gemv_rows in (0, None):
