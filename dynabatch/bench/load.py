@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -123,12 +124,9 @@ async def _drive(target: str, seconds: float, concurrency: int, max_tokens: int,
     if not many:
         await asyncio.gather(*(one_stream(clients[i % channels]) for i in range(concurrency)))
     else:       # one GenerateMany call per connection, carrying its share of the streams
-        calls = [client.many() for client in clients]
-        for call in calls:
-            await call.__aenter__()
-        await asyncio.gather(*(one_stream(calls[i % channels]) for i in range(concurrency)))
-        for call in calls:
-            await call.__aexit__(None, None, None)
+        async with contextlib.AsyncExitStack() as stack:
+            calls = [await stack.enter_async_context(client.many()) for client in clients]
+            await asyncio.gather(*(one_stream(calls[i % channels]) for i in range(concurrency)))
     for client in clients:
         await client.close()
     return counts

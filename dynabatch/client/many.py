@@ -118,8 +118,8 @@ class ManyCall:
             if not over and self._end is _OPEN:
                 self._cancels.append(rid)
                 self._kick()
-        state = StreamState(request, timeout or self.timeout, self.client.resume_retries)
-        state.received, state.resuming, state.failures = received, True, 1
+        state = StreamState.broken(request, timeout or self.timeout, self.client.resume_retries,
+                                   received)
         async for msg in self.client.follow(state):
             yield msg
 
@@ -173,14 +173,10 @@ class ManyCall:
                 resp = await self._call.read()
                 if resp is grpc.aio.EOF:
                     break
-                for msg in resp.responses:
+                for msg in (*resp.responses, *resp.errors):
                     inbox = self._inboxes.get(msg.request_id)
                     if inbox is not None:
                         inbox.put(msg)
-                for err in resp.errors:
-                    inbox = self._inboxes.get(err.request_id)
-                    if inbox is not None:
-                        inbox.put(err)
         except grpc.aio.AioRpcError as e:
             end = e
         finally:

@@ -27,6 +27,15 @@ class StreamState:
         self.failures = 0           # consecutive failed attempts
         self.resuming = False       # next_call makes a Resume (else a Generate)
 
+    @classmethod
+    def broken(cls, request: pb.GenerateRequest, timeout: float | None, retries: int,
+               received: int) -> StreamState:
+        """A stream that already broke once with UNAVAILABLE after `received` tokens: the next
+        call is a Resume (or, if the request never got in, Generate again)."""
+        state = cls(request, timeout, retries)
+        state.received, state.resuming, state.failures = received, True, 1
+        return state
+
     def seen(self, msg: pb.GenerateResponse) -> None:
         self.received = msg.offset + len(msg.token_ids)
         self.failures = 0

@@ -15,6 +15,7 @@ import logging
 import grpc
 
 from dynabatch.scheduler_svc.handlers import Malformed
+from dynabatch.scheduler_svc.requests import resolve
 from dynabatch.scheduler_svc.telemetry import METHOD_MANY
 from dynabatch.v1 import scheduler_pb2 as pb
 
@@ -74,10 +75,10 @@ class ManyCall:
         self.outbox: list = []
         self._news: asyncio.Future | None = None       # resolved when the outbox fills
         self._room: asyncio.Future | None = None       # resolved when the outbox empties
-        self._reading = True
 
     async def run(self, requests) -> None:
         reader = asyncio.ensure_future(self._read(requests))
+        reader.add_done_callback(lambda _: self._wake())
         try:
             await self._write_until_done(reader)
         finally:
@@ -89,17 +90,13 @@ class ManyCall:
             raise reader.exception()
 
     async def _read(self, requests) -> None:
-        try:
-            async for msg in requests:
-                if isinstance(msg, Malformed):
-                    await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg.why)
-                for request in msg.requests:
-                    self._start(request)
-                for request_id in msg.cancel_request_ids:
-                    await self.service.cancel(request_id, "cancelled by client")
-        finally:
-            self._reading = False
-            self._wake()
+        async for msg in requests:
+            if isinstance(msg, Malformed):
+                await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg.why)
+            for request in msg.requests:
+                self._start(request)
+            for request_id in msg.cancel_request_ids:
+                await self.service.cancel(request_id, "cancelled by client")
 
     def _start(self, request: pb.GenerateRequest) -> None:
         task = asyncio.ensure_future(self._one(request))
@@ -132,23 +129,23 @@ class ManyCall:
             await asyncio.shield(self._room)
 
     def _wake(self) -> None:
-        if self._news is not None and not self._news.done():
-            self._news.set_result(None)
+        if self._news is not None:
+            resolve(self._news)
 
     async def _write_until_done(self, reader: asyncio.Task) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if reader.done() and reader.exception() is not None:
+                return      # the call ends with the reader's error (run raises it)
             if not self.outbox:
-                if not self._reading and not self.tasks:
+                if reader.done() and not self.tasks:
                     return
                 self._news = loop.create_future()
                 await self._news
-                if reader.done() and reader.exception() is not None:
-                    return
                 continue
             batch, self.outbox = self.outbox, []
-            if self._room is not None and not self._room.done():
-                self._room.set_result(None)
+            if self._room is not None:
+                resolve(self._room)
             out = pb.GenerateManyResponse()
             for m in batch:
                 (out.errors if isinstance(m, pb.RequestError) else out.responses).append(m)

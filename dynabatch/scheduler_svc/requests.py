@@ -104,14 +104,14 @@ class Tracked:
 
     def _notify(self) -> None:
         for waiter in self._listeners:
-            _resolve(waiter)
+            resolve(waiter)
 
     async def _pause(self, seconds: float) -> None:
         """Wait `seconds` between two messages of a stream, or less if the request ends
         meanwhile: its last message is never held back by the coalescing window."""
         loop = asyncio.get_running_loop()
         pause = loop.create_future()
-        timer = loop.call_later(seconds, _resolve, pause)
+        timer = loop.call_later(seconds, resolve, pause)
         self._pauses.add(pause)
         try:
             await pause
@@ -121,7 +121,7 @@ class Tracked:
 
     def _end_pauses(self) -> None:
         for pause in self._pauses:
-            _resolve(pause)
+            resolve(pause)
 
     async def follow(self, offset: int, tokenizer=None,
                      min_interval_s: float = 0.0) -> AsyncIterator[GenerateResponse | Failure]:
@@ -180,7 +180,7 @@ class Tracked:
                        first_step_end_unix_ns=self.first_step_end_ns)
 
 
-def _resolve(future: asyncio.Future) -> None:
+def resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
 

@@ -106,8 +106,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         await self.generate(request, context)
 
     async def GenerateMany(self, requests, context: grpc.aio.ServicerContext) -> None:
-        if not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
+        await self._refuse_if_draining(context)
         await ManyCall(self, context).run(requests)
 
     async def generate(self, request: pb.GenerateRequest, context, method: str = METHOD) -> None:
@@ -120,6 +119,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def _refuse_early(self, request, context: grpc.aio.ServicerContext) -> None:
         """A streaming RPC's first checks: a malformed request, or a scheduler that is draining."""
         await _check(request, context)
+        await self._refuse_if_draining(context)
+
+    async def _refuse_if_draining(self, context) -> None:
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
 
