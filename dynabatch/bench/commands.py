@@ -233,6 +233,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--ttft-ms", type=float, default=2000.0)
     p.add_argument("--tpot-ms", type=float, default=50.0)
     p.add_argument("--vocab", type=int, default=256, help="synthetic prompt token ids < vocab")
+    p.add_argument("--driver", choices=("sdk", "many"), default="sdk",
+                   help="a Generate call per request (sdk) or every request over one "
+                        "GenerateMany call (many)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="write the summary JSON here")
     _defaults(p, cmd_replay)

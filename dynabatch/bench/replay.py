@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import platform
 import random
@@ -93,10 +94,11 @@ async def _poll(client, t0: float, period_s: float, out: list[TimelineSample],
 async def replay(trace: Trace, target: str, ttft_target_s: float = 2.0,
                  tpot_target_s: float = 0.05, vocab: int = 256, seed: int = 0,
                  stats_period_s: float = 0.25, start: float | None = None,
-                 first_index: int = 0, step: int = 1) -> RunResult:
+                 first_index: int = 0, step: int = 1, many: bool = False) -> RunResult:
     """`start`: the time.monotonic() at which the trace's time 0 falls (default: now), so that
     client processes replaying parts of one trace share a clock (replay_parallel); request i
-    of `trace` is labelled r{first_index + i * step}."""
+    of `trace` is labelled r{first_index + i * step}. `many`: every request over one
+    GenerateMany call (`client.many()`) instead of a Generate call each."""
     from dynabatch.client import AsyncDynabatchClient
     recs = [RequestRecord(f"r{first_index + i * step}", r.arrival_s, r.prompt_tokens,
                           r.output_tokens, ttft_target_s, tpot_target_s)
@@ -104,7 +106,8 @@ async def replay(trace: Trace, target: str, ttft_target_s: float = 2.0,
     rng = random.Random(seed + first_index)
     timeline: list[TimelineSample] = []
     wall = time.perf_counter()
-    async with AsyncDynabatchClient(target) as client:
+    async with AsyncDynabatchClient(target) as client, contextlib.AsyncExitStack() as calls:
+        sender = await calls.enter_async_context(client.many()) if many else client
         loop = asyncio.get_running_loop()      # its clock is time.monotonic(), system-wide
         t0 = loop.time() if start is None else start
         stop = asyncio.Event()
@@ -114,11 +117,12 @@ async def replay(trace: Trace, target: str, ttft_target_s: float = 2.0,
             delay = t0 + rec.arrival_s - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(client, rec, t0, vocab, rng)))
+            tasks.append(asyncio.create_task(_one(sender, rec, t0, vocab, rng)))
         await asyncio.gather(*tasks)
         stop.set()
         policy = await poller
     meta = {"simulated": False, "target": target, "policy": policy, "trace": trace.source,
+            "client_driver": "many" if many else "sdk",
             "trace_notes": trace.notes, "requests": len(recs),
             "wall_s": time.perf_counter() - wall,
             "client_host": f"{platform.node()} ({platform.machine()})",
@@ -132,7 +136,8 @@ def _replay_part(args: tuple) -> RunResult:
 
 
 def replay_parallel(trace: Trace, target: str, processes: int, ttft_target_s: float = 2.0,
-                    tpot_target_s: float = 0.05, vocab: int = 256, seed: int = 0) -> RunResult:
+                    tpot_target_s: float = 0.05, vocab: int = 256, seed: int = 0,
+                    many: bool = False) -> RunResult:
     """replay() with the trace's requests dealt round-robin to `processes` client processes on
     one clock: when hundreds of streams run at once, one Python process's receive loop
     otherwise sets the pace (and its lag is counted as the server's). The timeline is the
@@ -140,11 +145,12 @@ def replay_parallel(trace: Trace, target: str, processes: int, ttft_target_s: fl
     import concurrent.futures as cf
     import multiprocessing as mp
     if processes <= 1:
-        return asyncio.run(replay(trace, target, ttft_target_s, tpot_target_s, vocab, seed))
+        return asyncio.run(replay(trace, target, ttft_target_s, tpot_target_s, vocab, seed,
+                                  many=many))
     start = time.monotonic() + 2.0                  # every process connected by then
     jobs = [(Trace(trace.requests[i::processes], source=trace.source, notes=trace.notes), target,
              dict(ttft_target_s=ttft_target_s, tpot_target_s=tpot_target_s, vocab=vocab,
-                  seed=seed, start=start, first_index=i, step=processes))
+                  seed=seed, start=start, first_index=i, step=processes, many=many))
             for i in range(processes)]
     with cf.ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
         parts = list(pool.map(_replay_part, jobs))
@@ -172,7 +178,7 @@ def main(a: argparse.Namespace, trace: Trace) -> int:
         return 2
     print(trace.describe(), file=sys.stderr)
     run = asyncio.run(replay(trace, a.target, a.ttft_ms / 1000, a.tpot_ms / 1000, a.vocab,
-                             a.seed))
+                             a.seed, many=a.driver == "many"))
     s = summarize(run)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ def run(a: argparse.Namespace) -> dict:
     async def clients(trace: Trace, target: str) -> RunResult:
         """The replay, from --client-procs processes (in a thread: it waits on them)."""
         return await asyncio.to_thread(replay_parallel, trace, target, a.client_procs, 600.0,
-                                       60.0, a.vocab, a.seed)
+                                       60.0, a.vocab, a.seed, a.client_driver == "many")
 
     async def through_stack() -> tuple[dict, dict]:
         async with _stack(a) as (scheds, worker):
@@ -149,7 +149,8 @@ def run(a: argparse.Namespace) -> dict:
         "what": "sidecar cost: engine in-process vs client->gRPC->scheduler->Redis->worker",
         "machine": _machine(a.device), "model": a.model, "requests": a.requests,
         "prompt": a.prompt, "output": a.output, "moderate_rps": round(rate, 3),
-        "client_processes": a.client_procs, "schedulers": a.schedulers,
+        "client_processes": a.client_procs, "client_driver": a.client_driver,
+        "schedulers": a.schedulers,
         "throughput_ratio": round(stack_off["output_tok_s"] / direct_off["output_tok_s"], 4),
         "added_at_moderate_load": _added(direct_mod, stack_mod),
         "runs": {"direct_offline": direct_off, "stack_offline": stack_off,
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-procs", type=int, default=1,
                    help="client processes the whole path's requests are dealt to (one Python "
                         "process receiving every stream can set the pace itself)")
+    p.add_argument("--client-driver", choices=("sdk", "many"), default="sdk",
+                   help="each client process sends a Generate call per request (sdk) or all its "
+                        "requests over one GenerateMany call (many)")
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the JSON here")

@@ -20,12 +20,24 @@ def _trace(n: int = 50) -> Trace:
                   for i, r in enumerate(base.requests)], "test")
 
 
-async def test_replay_matches_client_counts() -> None:
+@pytest.mark.parametrize("many", [False, True])
+async def test_replay_matches_client_counts(many: bool, monkeypatch) -> None:
+    """Through a Generate call per request, or all of them over one GenerateMany call."""
     from dynabatch.bench.replay import replay
+    from dynabatch.client.many import ManyCall
+    over_many = []
+    real_stream = ManyCall.stream
+
+    def counted(self, *args, **kwargs):
+        over_many.append(self)
+        return real_stream(self, *args, **kwargs)
+    monkeypatch.setattr(ManyCall, "stream", counted)
     trace = _trace()
     cfg = stack.StackConfig(engine="fake", policy="dynamic")
     async with stack.LocalStack(cfg) as s:
-        run = await replay(trace, s.target, ttft_target_s=5.0, tpot_target_s=1.0, vocab=250)
+        run = await replay(trace, s.target, ttft_target_s=5.0, tpot_target_s=1.0, vocab=250,
+                           many=many)
+    assert len(over_many) == (50 if many else 0) and len(set(over_many)) == int(many)
     summary = summarize(run)
     ok = [r for r in run.records if r.outcome is Outcome.OK]
     assert summary["requests"] == 50

@@ -11,19 +11,20 @@ import pytest
 from dynabatch.bench import sidecar
 
 
-@pytest.mark.parametrize("client_procs,schedulers", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("client_procs,schedulers,driver", [(1, 1, "sdk"), (2, 2, "many")])
 def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: int,
-                                 schedulers: int) -> None:
+                                 schedulers: int, driver: str) -> None:
     """With 2 client processes the requests are dealt between them and merged back: every
     request is there once, with its own times on the shared clock; with 2 schedulers on one
-    port both serve (each counted in the CPU figures)."""
+    port both serve (each counted in the CPU figures); with --client-driver many each client
+    process sends its requests over one GenerateMany call."""
     out = tmp_path / "sidecar.json"
     assert sidecar.main(["--device", "cpu", "--requests", "6", "--prompt", "8", "--output", "4",
                          "--max-running", "8", "--redis-url", redis_url, "--out", str(out),
                          "--client-procs", str(client_procs),
-                         "--schedulers", str(schedulers)]) == 0
+                         "--schedulers", str(schedulers), "--client-driver", driver]) == 0
     res = json.loads(out.read_text())
-    assert res["client_processes"] == client_procs
+    assert res["client_processes"] == client_procs and res["client_driver"] == driver
     stack = res["runs"]["stack_offline"]["raw"]
     cols = stack["request_columns"]
     rows = [dict(zip(cols, r)) for r in stack["requests"]]
