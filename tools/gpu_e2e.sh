@@ -5,8 +5,9 @@
 # Stages:
 #   sidecar       engine in-process vs the whole path (client -> gRPC -> scheduler -> Redis ->
 #                 worker), Llama-3.2-1B shape; CLIENT_PROCS=N deals the whole path's requests
-#                 to N client processes, SCHEDULERS=N runs N scheduler processes on one port
-#                                                                    -> sidecar_h200.json
+#                 to N client processes, SCHEDULERS=N runs N scheduler processes on one port,
+#                 CLIENT_DRIVER=many sends each client process's requests over one GenerateMany
+#                 call, TAG names the run            -> sidecar_${CLIENT_DRIVER:-sdk}${TAG}.json
 #   engine8b      engine benchmark of the Llama-3.1-8B shape (the constrained setting's latency
 #                 model is fitted to it)                             -> engine_h200_8b.json
 #   live1b-a/-b   capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
@@ -56,8 +57,8 @@ for stage in "$@"; do
   case $stage in
     sidecar) timeout 300 python3 -m dynabatch.bench.sidecar --model llama-3.2-1b-shape --device cuda \
                --requests 256 --prompt 256 --output 256 --client-procs "${CLIENT_PROCS:-1}" \
-               --schedulers "${SCHEDULERS:-1}" \
-               --out "$OUT/sidecar_h200.json" 2>&1 | tee "$OUT/sidecar.log" ;;
+               --schedulers "${SCHEDULERS:-1}" --client-driver "${CLIENT_DRIVER:-sdk}" \
+               --out "$OUT/sidecar_${CLIENT_DRIVER:-sdk}${TAG:-}.json" 2>&1 | tee "$OUT/sidecar_${CLIENT_DRIVER:-sdk}${TAG:-}.log" ;;
     engine8b) timeout 240 python3 -m dynabatch.bench.engine_bench --model llama-3.1-8b-shape --device cuda \
                --batches 1,16,64 --prompt-len 1024 --output-len 128 --mixed-requests 64 --mixed-output 32 \
                --baseline-batches none --json "$OUT/engine_h200_8b.json" 2>&1 | tee "$OUT/engine8b.log" ;;
