@@ -14,7 +14,8 @@
 #   live8b-a/-b   capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b_*.json
 # The grids continue bench/results/e2e_h200 (sessions 2-4; REPORT.md). Still to run: naive@10
 # (live1b-b). live8b-e: the 8B grid with the policy option reserve_output=true (the engine
-# preempts in the 60-s segments' burst) and max_num_seqs 16 at 4 req/s.
+# preempts in the 60-s segments' burst) and max_num_seqs 16 at 4 req/s. live8b-tpot: the 8B grid
+# with a TPOT target that binds (1.6x the batch-1 step measured first; not run yet).
 # Inputs that are not in git (all git-ignored), made here in the repo root before the run:
 #   .whl:   wheels the machine lacks (grpcio/protobuf at the versions of our generated code,
 #           redis, opentelemetry):
@@ -79,6 +80,22 @@ for stage in "$@"; do
     live8b-b) live live_8b_b 480 llama-3.1-8b-shape --kv-blocks "$KV8B" --seconds 30 \
                --point multibin@3,3.5,4 --point fcfs:max_num_seqs=16@3.5 \
                --point fcfs:max_num_seqs=8@2.5 --point static@0.5 --point naive@0.5 ;;
+    live8b-tpot)   # session 14: a TPOT target that binds, 1.6x this GPU's batch-1 step; rates
+                   # scaled by the GPU's speed against the H200 (bench/results/sim_tpot_sweep)
+      timeout 150 python3 -m dynabatch.bench.engine_bench --model llama-3.1-8b-shape --device cuda \
+        --batches 1,16 --prompt-len 1024 --output-len 64 --mixed-requests 0 --baseline-batches none \
+        --json "$OUT/engine8b_calib.json" 2>&1 | grep -v -i warn | tail -6
+      read -r TPOT S < <(python3 -c "
+import json; d = json.load(open('$OUT/engine8b_calib.json'))
+b1 = [r for r in d['offline'] if r['batch'] == 1][0]['ms_per_step']
+print(round(1.6 * b1, 1), round(5.756 / b1, 3))")
+      echo "TPOT target $TPOT ms (1.6 x batch-1 step); rates x $S" | tee "$OUT/live_8b_tpot_target.txt"
+      rate() { python3 -c "print(round($1 * $S, 2))"; }
+      A=$(rate 1.8); B=$(rate 2.2); C=$(rate 2.6)
+      timeout 420 python3 -m dynabatch.bench.live_capacity --trace "$TRACE" --model llama-3.1-8b-shape \
+        --device cuda --kv-blocks "$KV8B" --ttft-ms 2000 --tpot-ms "$TPOT" --seconds 40 --budget-s 360 \
+        --out "$OUT/live_8b_tpot.json" --point "fcfs@$A,$B" --point "multibin@$A,$B,$C" \
+        --point "dynamic@$A,$B" 2>&1 | grep -v -i warn | tail -30 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
