@@ -45,6 +45,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running", type=int, default=256, help="most sequences run at once")
     p.add_argument("--kv-blocks", type=int, default=None,
                    help="KV cache blocks (default: sized from free GPU memory, or 4096 on CPU)")
+    p.add_argument("--mixed-steps", action="store_true",
+                   help="torch engine: decodes ride along prefill steps (as vLLM's chunked "
+                        "prefill) instead of alternating with them")
     p.add_argument("--fake-step-delay-ms", type=float, default=_env_float("DYNABATCH_FAKE_STEP_DELAY_MS", 0),
                    help="fake engine: sleep this long per step, to stand in for model time "
                         "(env DYNABATCH_FAKE_STEP_DELAY_MS)")
@@ -283,7 +286,8 @@ def engine_options(args) -> dict:
         return {"max_running": args.max_running, "step_delay_s": args.fake_step_delay_ms / 1000,
                 "crash_token_id": args.fake_crash_token,
                 **({"num_kv_blocks": args.kv_blocks} if args.kv_blocks else {})}
-    return {"device": args.device, "max_running": args.max_running, "num_kv_blocks": args.kv_blocks}
+    return {"device": args.device, "max_running": args.max_running, "num_kv_blocks": args.kv_blocks,
+            "mixed_steps": args.mixed_steps}
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class BatchingLoop:
     # Workers write their feedback once per heartbeat (0.25 s by default), so a tick reuses a
     # read this recent instead of waiting a round trip for the same bytes before deciding.
     FEEDBACK_MAX_AGE_S = 0.02
+    RESEND_S = 1.0
 
     def __init__(self, queue: Queue, policy: Policy, table: RequestTable, scheduler_id: str,
                  tick_s: float = 0.005, min_tick_s: float = 0.002,
@@ -66,6 +67,7 @@ class BatchingLoop:
         self.backoff = Backoff()
         self._timed = False              # the tick about to run was the timer's, not a wake's
         self._feedback_read = -1.0       # time.monotonic() of the last workers() read
+        self._caps_sent: dict[str, tuple[int, float]] = {}   # worker -> (cap, monotonic time)
 
     def slot_freed(self) -> None:
         """A request ended (or was cancelled): tick now only if one is waiting for the slot.
@@ -134,6 +136,21 @@ class BatchingLoop:
                                                       "waited in the queue past max_queue_ms"))
         for worker_id, ids in decision.assignments.items():
             await self._assign(worker_id, [items[i] for i in ids if i in items], decision)
+        for worker_id, cap in decision.step_prefill_tokens.items():
+            await self._send_cap(worker_id, cap)
+
+    async def _send_cap(self, worker_id: str, cap: int) -> None:
+        """Send a step prefill cap the worker does not have yet; again only after RESEND_S (its
+        feedback, one heartbeat behind, still shows the old one meanwhile)."""
+        fb = self.feedback.get(worker_id)
+        if fb is None or fb.step_prefill_tokens == cap:
+            return
+        now = time.monotonic()
+        last = self._caps_sent.get(worker_id)
+        if last is not None and last[0] == cap and now - last[1] < self.RESEND_S:
+            return
+        self._caps_sent[worker_id] = (cap, now)
+        await self.queue.send_control(worker_id, WorkerControl(step_prefill_tokens=cap))
 
     async def _assign(self, worker_id: str, items: list[WorkItem], decision: Decision) -> None:
         for item in items:
@@ -158,7 +175,9 @@ class BatchingLoop:
                           max_running=fb.max_running, max_model_len=fb.max_model_len,
                           decode_step_ms=fb.decode_step_ms, decode_batch_size=fb.decode_batch_size,
                           steps=fb.steps, heartbeat_age_s=max(0.0, now - fb.unix_ns / 1e9),
-                          accepting=fb.accepting, assigned=assigned)
+                          accepting=fb.accepting, assigned=assigned,
+                          prefill_tokens_per_s=fb.prefill_tokens_per_s,
+                          step_prefill_tokens=fb.step_prefill_tokens)
 
     def running_by_worker(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)

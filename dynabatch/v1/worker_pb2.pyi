@@ -98,7 +98,7 @@ class TokenDeltaBatch(_message.Message):
     def __init__(self, deltas: _Optional[_Iterable[_Union[TokenDelta, _Mapping]]] = ..., step_end_unix_ns: _Optional[int] = ...) -> None: ...
 
 class WorkerFeedback(_message.Message):
-    __slots__ = ("worker_id", "model", "running", "waiting", "kv_blocks_total", "kv_blocks_used", "kv_block_size", "decode_step_ms", "decode_batch_size", "prefill_tokens_per_s", "max_model_len", "steps", "preemptions", "unix_ns", "accepting", "max_running")
+    __slots__ = ("worker_id", "model", "running", "waiting", "kv_blocks_total", "kv_blocks_used", "kv_block_size", "decode_step_ms", "decode_batch_size", "prefill_tokens_per_s", "max_model_len", "steps", "preemptions", "unix_ns", "accepting", "max_running", "step_prefill_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class WorkerFeedback(_message.Message):
     UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTING_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    STEP_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     running: int
@@ -131,10 +132,13 @@ class WorkerFeedback(_message.Message):
     unix_ns: int
     accepting: bool
     max_running: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., decode_step_ms: _Optional[float] = ..., decode_batch_size: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., max_model_len: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., unix_ns: _Optional[int] = ..., accepting: _Optional[bool] = ..., max_running: _Optional[int] = ...) -> None: ...
+    step_prefill_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., decode_step_ms: _Optional[float] = ..., decode_batch_size: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., max_model_len: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., unix_ns: _Optional[int] = ..., accepting: _Optional[bool] = ..., max_running: _Optional[int] = ..., step_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerControl(_message.Message):
-    __slots__ = ("cancel_request_ids",)
+    __slots__ = ("cancel_request_ids", "step_prefill_tokens")
     CANCEL_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     cancel_request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, cancel_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    step_prefill_tokens: int
+    def __init__(self, cancel_request_ids: _Optional[_Iterable[str]] = ..., step_prefill_tokens: _Optional[int] = ...) -> None: ...

@@ -101,6 +101,9 @@ class EngineProcess:
     def abort_all(self) -> None:
         self._send(wire.abort_all())
 
+    def set_step_prefill_tokens(self, n: int) -> None:
+        self._send(wire.budget(n))
+
     def _send(self, data: bytes) -> None:
         if self._out:                  # keep the order: behind what is already waiting
             self._out += data

@@ -133,6 +133,8 @@ class EngineServer:
                     aborted.append(TokenOutput(rid, [], 0, "abort"))
             elif kind == wire.CREDIT:
                 self._ahead -= wire.handle_of(c)
+            elif kind == wire.BUDGET:
+                self.engine.set_step_prefill_tokens(wire.handle_of(c))
             elif kind == wire.ABORT_ALL:
                 for rid in list(self.handle):
                     self.engine.abort(rid)

@@ -9,7 +9,8 @@ ever decoded as protobuf).
 
 Frames: a 4-byte little-endian length, then the payload; the payload's first byte is its type.
   parent -> engine  ADD (handle, WorkItem bytes), ABORT (handle), ABORT_ALL, CREDIT (n OUTPUTS
-                    frames taken in: the engine runs at most MAX_AHEAD frames ahead)
+                    frames taken in: the engine runs at most MAX_AHEAD frames ahead), BUDGET
+                    (prefill tokens per step, from the scheduler's WorkerControl)
   engine -> parent  READY (stats), OUTPUTS (rows; step timing when a step ran, and how long the
                     engine waited for credits before it and how long it spent between it and
                     the step before when back to back; stats when due),
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from dynabatch.worker_svc.engine.api import EngineStats, TokenOutput
 
-ADD, ABORT, ABORT_ALL, CREDIT = b"A", b"X", b"Z", b"C"
+ADD, ABORT, ABORT_ALL, CREDIT, BUDGET = b"A", b"X", b"Z", b"C", b"B"
 READY, OUTPUTS, ADD_ERROR = b"R", b"O", b"E"
 
 # Frames of rows the engine may have sent that the serving side has not taken in yet. Beyond
@@ -43,7 +44,7 @@ _HANDLE = struct.Struct("<i")
 # kind, rows, tokens, has_stats, step start (unix ns), step seconds, credit wait before it (s),
 # time since the previous step's end if back to back (s)
 _OUT_HEAD = struct.Struct("<BIIBqddd")
-_STATS = struct.Struct("<9q3d")
+_STATS = struct.Struct("<10q3d")
 _INT_ROWS = array("i").itemsize
 assert _INT_ROWS == 4
 
@@ -88,6 +89,10 @@ def credit(n: int) -> bytes:
     return frame(CREDIT + _HANDLE.pack(n))
 
 
+def budget(tokens: int) -> bytes:
+    return frame(BUDGET + _HANDLE.pack(tokens))
+
+
 def handle_of(payload: bytes) -> int:
     return _HANDLE.unpack_from(payload, 1)[0]
 
@@ -95,18 +100,19 @@ def handle_of(payload: bytes) -> int:
 # -- engine -> parent --------------------------------------------------------------------------
 def _stats_bytes(s: EngineStats) -> bytes:
     return _STATS.pack(s.running, s.waiting, s.kv_blocks_total, s.kv_blocks_used, s.kv_block_size,
-                       s.max_model_len, s.max_running, s.steps, s.preemptions, s.decode_step_ms,
+                       s.max_model_len, s.max_running, s.steps, s.preemptions,
+                       s.step_prefill_tokens, s.decode_step_ms,
                        s.decode_batch_size, s.prefill_tokens_per_s)
 
 
 def _stats_from(payload: bytes, pos: int) -> EngineStats:
-    (running, waiting, total, used, block, max_len, max_running, steps, preemptions, step_ms,
-     batch, prefill) = _STATS.unpack_from(payload, pos)
+    (running, waiting, total, used, block, max_len, max_running, steps, preemptions, budget,
+     step_ms, batch, prefill) = _STATS.unpack_from(payload, pos)
     return EngineStats(running=running, waiting=waiting, kv_blocks_total=total,
                        kv_blocks_used=used, kv_block_size=block, decode_step_ms=step_ms,
                        decode_batch_size=batch, prefill_tokens_per_s=prefill,
                        max_model_len=max_len, max_running=max_running, steps=steps,
-                       preemptions=preemptions)
+                       preemptions=preemptions, step_prefill_tokens=budget)
 
 
 def ready(stats: EngineStats) -> bytes:

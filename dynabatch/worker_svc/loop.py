@@ -150,6 +150,8 @@ class WorkerLoop:
             self._last_control = now
             for control in await self.queue.read_control(self.cfg.worker_id):
                 self._cancels.extend(control.cancel_request_ids)
+                if control.step_prefill_tokens:
+                    self.engine.set_step_prefill_tokens(control.step_prefill_tokens)
             if self._cancels:
                 self._apply_inbox()
         await self.engine.wait(self._pull, self._wait_s())
@@ -381,4 +383,5 @@ class WorkerLoop:
             decode_step_ms=s.decode_step_ms,
             decode_batch_size=s.decode_batch_size, prefill_tokens_per_s=s.prefill_tokens_per_s,
             max_model_len=s.max_model_len, steps=s.steps, preemptions=s.preemptions,
-            unix_ns=time.time_ns(), accepting=self.accepting, max_running=s.max_running)
+            unix_ns=time.time_ns(), accepting=self.accepting, max_running=s.max_running,
+            step_prefill_tokens=s.step_prefill_tokens)

@@ -65,12 +65,14 @@ def ref_llama(llama_path: Path):
     return ref
 
 
-def test_greedy_matches_generate_with_mid_decode_admission(llama_path: Path, ref_llama) -> None:
+@pytest.mark.parametrize("mixed", [False, True], ids=["alternating", "mixed"])
+def test_greedy_matches_generate_with_mid_decode_admission(llama_path: Path, ref_llama,
+                                                           mixed: bool) -> None:
     prompts = random_prompts(0, 7, 1, 70)
     max_toks = [5 + 3 * i for i in range(len(prompts))]
     reqs = [SequenceRequest(f"r{i}", p, m, ignore_eos=True)
             for i, (p, m) in enumerate(zip(prompts, max_toks))]
-    engine = engine_for(llama_path, prefill_token_budget=32)
+    engine = engine_for(llama_path, prefill_token_budget=32, mixed_steps=mixed)
     outs = drain(engine, {0: reqs[:3], 4: reqs[3:5], 9: reqs[5:]})
     for r in reqs:
         assert tokens(outs[r.request_id]) == greedy_reference(ref_llama, r.prompt_token_ids,
@@ -79,15 +81,47 @@ def test_greedy_matches_generate_with_mid_decode_admission(llama_path: Path, ref
     assert engine.stats().decode_batch_size > 1
 
 
-def test_preemption_by_recompute_keeps_greedy_output(llama_path: Path, ref_llama) -> None:
+@pytest.mark.parametrize("mixed", [False, True], ids=["alternating", "mixed"])
+def test_preemption_by_recompute_keeps_greedy_output(llama_path: Path, ref_llama,
+                                                     mixed: bool) -> None:
     prompts = random_prompts(1, 5, 20, 40)
     reqs = [SequenceRequest(f"p{i}", p, 40, ignore_eos=True, priority=i % 2)
             for i, p in enumerate(prompts)]
-    engine = engine_for(llama_path, num_kv_blocks=9, prefill_token_budget=64)
+    engine = engine_for(llama_path, num_kv_blocks=9, prefill_token_budget=64, mixed_steps=mixed)
     outs = drain(engine, {0: reqs})
     assert engine.stats().preemptions > 0
     for r in reqs:
         assert tokens(outs[r.request_id]) == greedy_reference(ref_llama, r.prompt_token_ids, 40)
+
+
+def test_mixed_steps_carry_decodes_under_the_step_cap(llama_path: Path, ref_llama) -> None:
+    """A long prompt arriving mid-decode is prefilled in chunks of the cap set at run time, each
+    in a step that also decodes the running request: it never waits a step without a token."""
+    short, long_ = random_prompts(3, 2, 8, 8)[0], random_prompts(4, 1, 90, 90)[0]
+    reqs = [SequenceRequest("short", short, 20, ignore_eos=True),
+            SequenceRequest("long", long_, 4, ignore_eos=True)]
+    engine = engine_for(llama_path, prefill_token_budget=64, mixed_steps=True)
+    engine.set_step_prefill_tokens(16)
+    assert engine.stats().step_prefill_tokens == 16
+    engine.add(reqs[0])
+    for _ in range(3):
+        engine.step()
+    engine.add(reqs[1])
+    steps = []
+    outs: dict[str, list[int]] = {"short": [], "long": []}
+    while engine.has_work():
+        emitted = engine.step()
+        for o in emitted:
+            outs[o.request_id] += o.token_ids
+        steps.append(engine.last_step)
+    mixed = [s for s in steps if s.kind == "prefill"]
+    assert len(mixed) >= 90 // 16 and all(s.tokens <= 16 + 1 for s in mixed)
+    assert any(s.tokens == 17 for s in mixed)          # a 16-token chunk + the short's decode
+    assert outs["long"] == greedy_reference(ref_llama, long_, 4)
+    engine.set_step_prefill_tokens(0)                  # back to the configured maximum
+    assert engine.stats().step_prefill_tokens == 64
+    engine.set_step_prefill_tokens(10_000)             # never above it
+    assert engine.stats().step_prefill_tokens == 64
 
 
 def test_qwen3_greedy_matches_generate(qwen3_path: Path) -> None:

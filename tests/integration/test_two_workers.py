@@ -120,3 +120,22 @@ async def test_a_tick_reuses_feedback_read_just_before():
     time.sleep(0.06)
     await loop.tick(time.time())
     assert len(reads) == 2
+
+
+@pytest.mark.parametrize("policy, sent", [("dynamic", True), ("fcfs", False)])
+async def test_the_step_prefill_cap_goes_to_the_worker_once(policy, sent):
+    """TPOT 10 ms, a 6-ms decode step, 50k prompt tokens/s: a dynamic policy sends the cap
+    (policy/prefill_cap.py) in a WorkerControl, once while the worker's feedback still shows the
+    old one; fcfs (vLLM's fixed budget) sends none."""
+    queue, loop = await setup(policy, 4, tpot_target_s=0.010, eps=0.0)
+    fb = feedback("w", used=0, step_ms=6.0)
+    fb.prefill_tokens_per_s, fb.step_prefill_tokens = 50_000, 8192
+    await queue.heartbeat(fb, ttl_s=5)
+    for i in range(3):                   # a decision per tick: each has an arrival to place
+        await loop.tick(time.time())
+        item = WorkItem(request_id=f"x{i}", model="m", prompt_token_ids=[1] * 8, max_tokens=4,
+                        scheduler_id=SCHED, priority=2, arrival_unix_ns=time.time_ns())
+        loop.table.add(item)
+        await queue.submit(item)
+    caps = [c.step_prefill_tokens for c in await queue.read_control("w")]
+    assert caps == ([200] if sent else [])

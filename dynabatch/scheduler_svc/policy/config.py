@@ -47,6 +47,9 @@ class PolicyConfig:
     alpha: int = 16                   # cap on the band's growth (sequences) under the target
     delta: int = 8                    # cap on b_low's decrease (sequences) on a violation
     sla_step: float = 0.05            # band steps are this share of the batch (>= 1 sequence)
+    # The dynamic controller also caps each engine step's prompt tokens so that decodes riding
+    # along stay inside the TPOT target (prefill_cap.py; engines with mixed steps).
+    sla_prefill: bool = True
 
     # --- selection ---
     max_wait_s: float = 10.0          # past it a request is forced in whenever memory allows

@@ -14,6 +14,7 @@ from . import admission
 from .bins import BinBoundaries
 from .config import PolicyConfig, preset
 from .predict import HistoryPredictor, LengthPredictor
+from .prefill_cap import step_prefill_tokens
 from .priority import base_key, deadline_of, fifo_key, key_at, ttft_budget
 from .sla import SlaController
 from .slots import WorkerSlot, clamp_bin, dominant_bin, eligible
@@ -169,6 +170,13 @@ class BatchingPolicy:
         for s in slots:
             if s.taken:
                 decision.assignments[s.worker.worker_id] = s.taken
+        if c.controller == "dynamic" and c.sla_prefill:
+            for s in slots:
+                w = s.worker
+                cap = step_prefill_tokens(w.decode_step_ms, w.prefill_tokens_per_s,
+                                          w.step_prefill_tokens, self.tpot_target(w), c.eps)
+                if cap:
+                    decision.step_prefill_tokens[w.worker_id] = cap
         return decision
 
     def _any_forced(self, live: list[Waiting], now: float) -> bool:

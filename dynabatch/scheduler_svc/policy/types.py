@@ -49,6 +49,8 @@ class WorkerView:
     heartbeat_age_s: float
     accepting: bool = True
     assigned: tuple[Assigned, ...] = ()
+    prefill_tokens_per_s: float = 0.0   # measured on steps of >= 256 prompt tokens
+    step_prefill_tokens: int = 0        # the engine's cap on a step's prompt tokens (0: none)
 
 
 @dataclass
@@ -63,6 +65,8 @@ class Decision:
     b_sla: dict[str, int] = field(default_factory=dict)               # worker -> Alg. 2 bound
     # (worker, bin) -> b_target of that bin on that worker (multi-bin policies only).
     bin_targets: dict[tuple[str, int], int] = field(default_factory=dict)
+    # worker -> prompt tokens one engine step may prefill (prefill_cap.py; dynamic policies).
+    step_prefill_tokens: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

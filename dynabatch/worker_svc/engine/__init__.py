@@ -33,7 +33,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
                  block_size: int = 16, max_running: int = 256, prefill_token_budget: int = 8192,
                  cuda_graphs: bool = True, compile_decode: bool | None = None,
                  compile_prefill: bool | None = None, prefill_graphs: bool = True,
-                 gemv_rows: int | None = None, seed: int = 0) -> "PagedEngine":
+                 gemv_rows: int | None = None, mixed_steps: bool = False,
+                 seed: int = 0) -> "PagedEngine":
     """Load `model` (named shape or from_pretrained path), size the KV pool, capture graphs.
 
     On CUDA without `num_kv_blocks`, the pool takes `kv_fraction` of the memory still free once
@@ -47,7 +48,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
     where Triton would run in its interpreter) runs decode steps of at most that many rows
     (0..4) through lean_decode.py (the Triton GEMV with the norms, activation and residual
     adds fused in, rotary inside the attention kernel); batch 1 then gets a decode graph of
-    its own. The returned engine's `startup_s` is the
+    its own. `mixed_steps`: decodes ride along prefill steps (scheduler.py) instead of
+    alternating with them. The returned engine's `startup_s` is the
     measured build time, warm-up compilation included; `startup_phases` splits it (seconds:
     load, kv_pool, engine_init, then those of ModelRunner.capture that ran).
     """
@@ -81,7 +83,8 @@ def build_engine(model: str, *, device: str = "auto", dtype: torch.dtype | None 
                          max_model_len=_full_attention_len(config, models.max_model_len(config)),
                          eos_token_ids=models.eos_token_ids(config), cuda_graphs=cuda_graphs,
                          compile_decode=compile_decode, compile_prefill=compile_prefill,
-                         prefill_graphs=prefill_graphs, seed=seed, gemv_rows=gemv_rows)
+                         prefill_graphs=prefill_graphs, seed=seed, gemv_rows=gemv_rows,
+                         mixed_steps=mixed_steps)
     t_init = time.perf_counter()
     phases = engine.runner.capture()
     if dev.type == "cuda":

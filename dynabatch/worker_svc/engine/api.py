@@ -56,11 +56,12 @@ class EngineStats:
     kv_block_size: int
     decode_step_ms: float          # mean wall time of recent decode steps
     decode_batch_size: float       # mean batch size of those steps
-    prefill_tokens_per_s: float    # recent prefill throughput
+    prefill_tokens_per_s: float    # recent prefill throughput (steps of >= 256 prompt tokens)
     max_model_len: int
     max_running: int
     steps: int
     preemptions: int
+    step_prefill_tokens: int = 0   # prefill tokens per step now (0: no such limit)
 
 
 class Engine(Protocol):
@@ -69,6 +70,10 @@ class Engine(Protocol):
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks; False if unknown."""
+
+    def set_step_prefill_tokens(self, n: int) -> None:
+        """Prompt tokens a step may prefill from now on (the scheduler's SLA cap; 0: the
+        engine's own maximum)."""
 
     def step(self) -> list[TokenOutput]:
         """Run one engine step (admit/prefill and/or decode); return every request's new tokens."""

@@ -20,6 +20,9 @@ from dynabatch.worker_svc.engine.scheduler import PrefillChunk, Scheduler
 from dynabatch.worker_svc.engine.sequence import Sequence
 
 _WINDOW = 64  # steps the rolling stats average over
+# The prefill rate is measured on steps of at least this many prompt tokens: a smaller step's
+# time is mostly the weights' read (a decode step's), not a per-token cost.
+RATE_MIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,14 @@ class PagedEngine:
                  max_running: int, prefill_token_budget: int, max_model_len: int,
                  eos_token_ids: tuple[int, ...], cuda_graphs: bool, compile_decode: bool,
                  compile_prefill: bool, prefill_graphs: bool, seed: int,
-                 gemv_rows: int = 0) -> None:
+                 gemv_rows: int = 0, mixed_steps: bool = False) -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.max_model_len = min(max_model_len, kv.max_tokens)
         self.eos_token_ids = eos_token_ids
-        self.scheduler = Scheduler(kv, max_running, prefill_token_budget)
+        self.scheduler = Scheduler(kv, max_running, prefill_token_budget, mixed_steps)
+        self.max_prefill_tokens = prefill_token_budget
         self.runner = ModelRunner(model, kv, device, max_running, self.max_model_len, cuda_graphs,
                                   compile_decode, compile_prefill,
                                   min(prefill_token_budget, MAX_TOKENS) if prefill_graphs else 0,
@@ -96,6 +100,11 @@ class PagedEngine:
             self._inflight = None             # nothing left in flight to read
         return True
 
+    def set_step_prefill_tokens(self, n: int) -> None:
+        """Prefill tokens per step from now on (0: the configured maximum), at most that."""
+        self.scheduler.token_budget = min(n, self.max_prefill_tokens) if n > 0 else \
+            self.max_prefill_tokens
+
     def has_work(self) -> bool:
         return bool(self._pending) or self._inflight is not None or self.scheduler.has_work()
 
@@ -113,7 +122,9 @@ class PagedEngine:
             outputs += self._prefill(chunks)
             n = sum(c.end - c.start for c in chunks)
             dt = time.perf_counter() - t0
-            self._prefill_times.append((dt, n))
+            prompt = sum(c.end - c.start for c in chunks if not c.decode)
+            if prompt >= RATE_MIN_TOKENS:
+                self._prefill_times.append((dt, prompt))
             self.last_step = StepRecord("prefill", n, sum(c.end for c in chunks), dt)
         else:
             seqs: list[Sequence] = batch  # type: ignore[assignment]
@@ -142,7 +153,8 @@ class PagedEngine:
             decode_batch_size=sum(n for _, n in dec) / len(dec) if dec else 0.0,
             prefill_tokens_per_s=sum(n for _, n in pre) / pre_s if pre_s > 0 else 0.0,
             max_model_len=self.max_model_len, max_running=self.scheduler.max_running,
-            steps=self.steps, preemptions=self.scheduler.preemptions)
+            steps=self.steps, preemptions=self.scheduler.preemptions,
+            step_prefill_tokens=self.scheduler.token_budget)
 
     # -- internals -------------------------------------------------------------------------
     def _prefill(self, chunks: list[PrefillChunk]) -> list[TokenOutput]:

@@ -12,6 +12,7 @@ class PrefillChunk:
     seq: Sequence
     start: int
     end: int
+    decode: bool = False      # a running sequence's next token, riding along (mixed steps)
 
     @property
     def wants_logits(self) -> bool:
@@ -24,19 +25,24 @@ class Scheduler:
 
     Steps alternate between a prefill step (chunks of waiting or partly prefilled sequences,
     at most `token_budget` tokens) and a decode step (one token for every running sequence that
-    is fully prefilled) whenever both kinds of work exist, so neither starves. A new sequence is
+    is fully prefilled) whenever both kinds of work exist, so neither starves. With `mixed`, a
+    step with prefill work also carries every decode as a one-token chunk, as vLLM's chunked
+    prefill does: a decoding sequence then waits for no prefill step of its own, and a small
+    `token_budget` keeps its time between tokens near a decode step's. A new sequence is
     admitted only if its whole prompt fits with one free block per running sequence still in
     reserve (its prefill may still run in chunks of the token budget), so decodes rarely
     preempt; when they must, the lowest-priority, latest-arrived running sequence is preempted
     by recompute.
     """
 
-    def __init__(self, kv: KVCache, max_running: int, token_budget: int) -> None:
+    def __init__(self, kv: KVCache, max_running: int, token_budget: int,
+                 mixed: bool = False) -> None:
         self.kv = kv
         self.alloc = kv.allocator
         self.block_size = kv.block_size
         self.max_running = max_running
-        self.token_budget = token_budget
+        self.token_budget = token_budget     # prefill tokens per step (decode tokens not counted)
+        self.mixed = mixed
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -73,6 +79,8 @@ class Scheduler:
         prefilling = sum(1 for s in self.running if len(s.tokens) - s.num_computed > 1)
         decodable = prefilling < len(self.running)
         prefill_work = prefilling > 0 or (self.waiting and len(self.running) < self.max_running)
+        if prefill_work and self.mixed:
+            return self._schedule_mixed(decodable)
         if prefill_work and (not decodable or not self._last_was_prefill):
             chunks = self._schedule_prefill()
             if chunks:
@@ -80,6 +88,16 @@ class Scheduler:
                 return chunks
         self._last_was_prefill = False
         return self._schedule_decode() if decodable else []
+
+    def _schedule_mixed(self, decodable: bool) -> list[PrefillChunk] | list[Sequence]:
+        """Every decode (blocks first: it may preempt) as a one-token chunk, then prefill chunks
+        of up to the budget; a plain decode step if no prefill chunk fits."""
+        decodes = self._schedule_decode() if decodable else []
+        chunks = self._schedule_prefill()
+        if not chunks:
+            return decodes
+        return [PrefillChunk(s, s.num_computed, s.num_computed + 1, decode=True)
+                for s in decodes] + chunks
 
     def _schedule_prefill(self) -> list[PrefillChunk]:
         budget = self.token_budget

@@ -1,0 +1,35 @@
+"""The SLA's cap on the prompt tokens of one engine step (dynamic policies, mixed steps).
+
+With decodes riding along prefill chunks (vLLM's chunked prefill; the engine's `--mixed-steps`),
+a step takes about a decode step plus the chunk's compute. A long prompt prefilled in one
+8192-token step stalls every running decode for that whole step, so a request of a few output
+tokens that meets one misses a tight TPOT target however small the batch: live, 8B shape, TPOT
+8.7 ms, the only misses of fcfs, dynamic and multibin alike were short outputs beside 4k-token
+prompts (bench/results/session14_h100). Algorithm 2 steers the batch size by the measured decode
+step; this steers the chunk by the same measurement: the largest chunk that keeps a decode step
+plus the chunk's time inside the target,
+
+    tokens = (target * (1 - eps) - decode_step) * prefill_rate
+
+The sum is an upper bound (the chunk's matmuls overlap the weights' read that the decode step
+pays), so the cap errs short: a long prompt then takes more steps, each inside the target.
+The measured decode step is the worker's step period, which mixed steps lengthen in turn; a cap
+lower than the one in force applies at once, a higher one only half way, so the loop settles
+instead of swinging between a large and a small chunk.
+"""
+from __future__ import annotations
+
+MIN_TOKENS = 64      # a step always makes some prefill progress
+
+
+def step_prefill_tokens(decode_step_ms: float, prefill_tokens_per_s: float, current: int,
+                        tpot_target_s: float, eps: float) -> int:
+    """The cap to send (0: nothing measured yet, leave the worker's as it is). `current`: the
+    worker's cap in force (0 if unknown)."""
+    if decode_step_ms <= 0 or prefill_tokens_per_s <= 0:
+        return 0
+    room_s = tpot_target_s * (1.0 - eps) - decode_step_ms / 1000.0
+    cap = max(MIN_TOKENS, int(room_s * prefill_tokens_per_s))
+    if 0 < current < cap:
+        cap = max(MIN_TOKENS, (current + cap) // 2)
+    return cap
