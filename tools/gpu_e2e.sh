@@ -53,6 +53,22 @@ live() {   # live <name> <budget_s> <model> [args...]: one capacity sweep on the
     2>&1 | tee "$OUT/$name.log"
 }
 
+calibrate8b() {   # TPOT (1.6x the 8B batch-1 step; or $TPOT as given) and S (rate scale vs H200)
+  if [ -n "${TPOT:-}" ]; then
+    S=$(python3 -c "print(round(5.756 * 1.6 / $TPOT, 3))")
+  else
+    timeout 150 python3 -m dynabatch.bench.engine_bench --model llama-3.1-8b-shape --device cuda \
+      --batches 1,16 --prompt-len 1024 --output-len 64 --mixed-requests 0 --baseline-batches none \
+      --json "$OUT/engine8b_calib.json" 2>&1 | grep -v -i warn | tail -6
+    read -r TPOT S < <(python3 -c "
+import json; d = json.load(open('$OUT/engine8b_calib.json'))
+b1 = [r for r in d['offline'] if r['batch'] == 1][0]['ms_per_step']
+print(round(1.6 * b1, 1), round(5.756 / b1, 3))")
+  fi
+  echo "TPOT target $TPOT ms (1.6 x batch-1 step); rates x $S" | tee "$OUT/live_8b_tpot_target.txt"
+}
+rate() { python3 -c "print(round($1 * $S, 2))"; }
+
 for stage in "$@"; do
   echo "== $stage ($(date +%T))"
   case $stage in
@@ -82,19 +98,21 @@ for stage in "$@"; do
                --point fcfs:max_num_seqs=8@2.5 --point static@0.5 --point naive@0.5 ;;
     live8b-tpot)   # session 14: a TPOT target that binds, 1.6x this GPU's batch-1 step; rates
                    # scaled by the GPU's speed against the H200 (bench/results/sim_tpot_sweep)
-      timeout 150 python3 -m dynabatch.bench.engine_bench --model llama-3.1-8b-shape --device cuda \
-        --batches 1,16 --prompt-len 1024 --output-len 64 --mixed-requests 0 --baseline-batches none \
-        --json "$OUT/engine8b_calib.json" 2>&1 | grep -v -i warn | tail -6
-      read -r TPOT S < <(python3 -c "
-import json; d = json.load(open('$OUT/engine8b_calib.json'))
-b1 = [r for r in d['offline'] if r['batch'] == 1][0]['ms_per_step']
-print(round(1.6 * b1, 1), round(5.756 / b1, 3))")
-      echo "TPOT target $TPOT ms (1.6 x batch-1 step); rates x $S" | tee "$OUT/live_8b_tpot_target.txt"
-      rate() { python3 -c "print(round($1 * $S, 2))"; }
+      calibrate8b
       A=$(rate 1.8); B=$(rate 2.2); C=$(rate 2.6)
       # the later --tpot-ms overrides live()'s default SLA (argparse: the last one wins)
       live live_8b_tpot 360 llama-3.1-8b-shape --kv-blocks "$KV8B" --tpot-ms "$TPOT" --seconds 40 \
         --point "fcfs@$A,$B" --point "multibin@$A,$B,$C" --point "dynamic@$A,$B" ;;
+    live8b-mixed)  # session 15: live8b-tpot's target with the engine's mixed steps and the
+                   # dynamic policies' step prefill cap (policy/prefill_cap.py). POINTS: the
+                   # --point flags, rates in H200 terms ({r} scaled); TPOT=ms skips calibrating
+      calibrate8b
+      pts=(); for p in ${POINTS:-fcfs@1.2 dynamic@1.9,2.6,3.3}; do
+        pts+=(--point "$(python3 -c "
+import sys; pol, rates = sys.argv[1].split('@')
+print(pol + '@' + ','.join(str(round(float(r) * $S, 2)) for r in rates.split(',')))" "$p")"); done
+      live "live_8b_mixed${TAG:-}" "${LIVE_BUDGET:-380}" llama-3.1-8b-shape --kv-blocks "$KV8B" \
+        --tpot-ms "$TPOT" --seconds "${SECONDS_PER_POINT:-60}" --mixed-steps "${pts[@]}" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

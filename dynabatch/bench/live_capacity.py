@@ -90,6 +90,7 @@ class Run:
         self.data = {"what": "capacity on a live stack (measured, not simulated)",
                      "machine": _machine(a.device), "command": " ".join(sys.argv),
                      "model": a.model, "kv_blocks": a.kv_blocks, "max_running": a.max_running,
+                     "mixed_steps": a.mixed_steps,
                      "trace": trace.source, "seconds_per_point": a.seconds, "goal": a.goal,
                      "sla": {"ttft_ms": a.ttft_ms, "tpot_ms": a.tpot_ms},
                      "points": [], "skipped": [], "capacity_rps": {}}
@@ -148,7 +149,8 @@ def _warmup(trace: tr.Trace, points: list[Point], seconds: float) -> tr.Trace:
 async def run(a: argparse.Namespace, points: list[Point], trace: tr.Trace) -> dict:
     r = Run(a, trace)
     async with procs.worker(a.redis_url, r.prefix, a.model, a.device, a.max_running,
-                            a.kv_blocks, a.engine):
+                            a.kv_blocks, a.engine,
+                            extra=["--mixed-steps"] if a.mixed_steps else []):
         r.data["worker_ready_s"] = round(time.monotonic() - r.t0, 1)
         async with procs.scheduler(a.redis_url, r.prefix, a.model, "fcfs") as sched:
             warm = _warmup(trace, points, a.warmup_s)
@@ -186,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", default="auto")
     g.add_argument("--max-running", type=int, default=256, help="the worker's hard cap")
     g.add_argument("--kv-blocks", type=int, help="limit the worker's KV pool (16-token blocks)")
+    g.add_argument("--mixed-steps", action="store_true",
+                   help="the worker's engine runs decodes inside prefill steps (dynamic policies "
+                        "then cap each step's prompt tokens to the TPOT target)")
     g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     g = p.add_argument_group("sweep")
     g.add_argument("--point", action="append", required=True,

@@ -76,6 +76,8 @@ class TimelineSample:
     waiting: int            # scheduler queue
     worker_queue: int       # assigned, not yet running (live: waiting inside the engine)
     preemptions: int = 0    # the worker's preemptions so far
+    decode_step_ms: float = 0.0       # as the worker reports it (feedback)
+    step_prefill_tokens: int = 0      # its engine's cap on a step's prompt tokens (0: none)
 
 
 @dataclass
@@ -89,7 +91,8 @@ class RunResult:
 RECORD_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens", "queue_ms", "server_ttft_ms",
                   "ttft_ms", "tpot_ms", "outcome", "admit_ms", "first_step_ms", "relayed_ms",
                   "last_relayed_ms", "finish_ms")
-TIMELINE_COLUMNS = ("t", "running", "kv_used", "waiting", "worker_queue", "preemptions")
+TIMELINE_COLUMNS = ("t", "running", "kv_used", "waiting", "worker_queue", "preemptions",
+                    "decode_step_ms", "step_prefill_tokens")
 
 
 def raw_rows(result: RunResult) -> dict:
@@ -106,7 +109,8 @@ def raw_rows(result: RunResult) -> dict:
              ms(r.arrival_s, r.finish_s)]
             for r in result.records]
     timeline = [[round(x.t, 3), x.running, round(x.kv_used, 4), x.waiting, x.worker_queue,
-                 x.preemptions] for x in result.timeline]
+                 x.preemptions, round(x.decode_step_ms, 3), x.step_prefill_tokens]
+                for x in result.timeline]
     return {"request_columns": list(RECORD_COLUMNS), "requests": reqs,
             "timeline_columns": list(TIMELINE_COLUMNS), "timeline": timeline}
 

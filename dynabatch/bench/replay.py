@@ -81,7 +81,8 @@ async def _poll(client, t0: float, period_s: float, out: list[TimelineSample],
                 total = max(w.kv_blocks_total, 1)
                 out.append(TimelineSample(loop.time() - t0, w.worker_id, float(w.running),
                                           w.running, w.kv_blocks_used / total, st.waiting,
-                                          w.engine_waiting, w.preemptions))
+                                          w.engine_waiting, w.preemptions, w.decode_step_ms,
+                                          w.step_prefill_tokens))
         except Exception:  # stats are best-effort; the requests are what is measured
             pass
         try:

@@ -277,5 +277,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                              batch_target=self.batching.targets.get(view.worker_id, 0),
                              decode_step_ms=view.decode_step_ms, heartbeat_age_s=view.heartbeat_age_s,
                              engine_running=fb.running, engine_waiting=fb.waiting,
-                             preemptions=fb.preemptions)
+                             preemptions=fb.preemptions,
+                             step_prefill_tokens=fb.step_prefill_tokens)
         return resp

@@ -170,7 +170,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "model", "running", "kv_blocks_used", "kv_blocks_total", "batch_target", "decode_step_ms", "heartbeat_age_s", "engine_running", "engine_waiting", "preemptions")
+    __slots__ = ("worker_id", "model", "running", "kv_blocks_used", "kv_blocks_total", "batch_target", "decode_step_ms", "heartbeat_age_s", "engine_running", "engine_waiting", "preemptions", "step_prefill_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class WorkerStats(_message.Message):
     ENGINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     ENGINE_WAITING_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STEP_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     running: int
@@ -193,7 +194,8 @@ class WorkerStats(_message.Message):
     engine_running: int
     engine_waiting: int
     preemptions: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., batch_target: _Optional[int] = ..., decode_step_ms: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., engine_running: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    step_prefill_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., batch_target: _Optional[int] = ..., decode_step_ms: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., engine_running: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., preemptions: _Optional[int] = ..., step_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("policy", "waiting", "running", "completed", "rejected", "cancelled", "failed", "workers", "models")

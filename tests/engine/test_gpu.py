@@ -54,15 +54,17 @@ def test_triton_decode_matches_reference(heads: int, kv_heads: int, dim: int, bl
 def test_graph_and_compiled_decode_match_eager_decode(num_kv_blocks: int) -> None:
     """Overlapped steps on a real stream (pinned staging, tokens read a step late), with
     preemptions in the small pool and prompts prefilled in chunks: every mode gives the same
-    tokens (prefill from graphs or unpadded, decode eager, from graphs or compiled)."""
+    tokens (prefill from graphs or unpadded, decode eager, from graphs or compiled, decodes
+    riding along prefill steps)."""
     prompts = [[(7 * i + j) % 256 for j in range(5 + 13 * i)] for i in range(5)]
     results = []
-    for graphs, compiled, prefill_graphs in ((False, False, False), (True, False, True),
-                                             (True, True, True), (True, True, False)):
+    for graphs, compiled, prefill_graphs, mixed in (
+            (False, False, False, False), (True, False, True, False), (True, True, True, False),
+            (True, True, False, False), (True, True, True, True), (False, False, False, True)):
         engine = build_engine("tiny-random-llama", device="cuda", dtype=torch.float32,
                               num_kv_blocks=num_kv_blocks, max_running=8, cuda_graphs=graphs,
                               compile_decode=compiled, prefill_graphs=prefill_graphs,
-                              prefill_token_budget=40)
+                              prefill_token_budget=40, mixed_steps=mixed)
         assert (engine.runner.prefill_graphs is not None) == prefill_graphs
         for i, p in enumerate(prompts):
             engine.add(SequenceRequest(f"r{i}", p, 24, ignore_eos=True))
