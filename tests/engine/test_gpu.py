@@ -155,3 +155,27 @@ def test_graph_decode_with_gemv_matches_cublas(compiled: bool, monkeypatch) -> N
         assert all(len(out[f"r{i}"]) == 6 * (i + 1) for i in range(4))
         results.append(out)
     assert results[0] == results[1]
+
+
+def test_back_to_back_partial_chunks_under_a_small_step_cap() -> None:
+    """A long prompt alone under a 16-token step cap: ~60 prefill steps with nothing to read
+    back, which the host enqueues faster than the GPU runs them (1B shape). Each must wait for
+    the one before (PagedEngine._marker): refilled before their copies ran, the pinned staging
+    buffers gave later steps garbage rows, a device-side index assert (session 15, live 8B)."""
+    prompt = [(11 * j) % 256 for j in range(1000)]
+    runs = []
+    for _ in range(2):
+        engine = build_engine("llama-3.2-1b-shape", device="cuda", num_kv_blocks=256,
+                              max_running=4, compile_decode=False, compile_prefill=False,
+                              mixed_steps=True)
+        engine.set_step_prefill_tokens(16)
+        engine.add(SequenceRequest("long", prompt, 8, ignore_eos=True))
+        out, steps = [], 0
+        while engine.has_work():
+            out += [t for o in engine.step() for t in o.token_ids]
+            steps += 1
+        torch.cuda.synchronize()
+        assert steps >= 1000 // 16 and len(out) == 8
+        assert engine.stats().kv_blocks_used == 0
+        runs.append(out)
+    assert runs[0] == runs[1]

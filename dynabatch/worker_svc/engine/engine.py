@@ -96,7 +96,8 @@ class PagedEngine:
             return False
         self.scheduler.drop(seq)
         seq.done = True
-        if self._inflight is not None and all(s.done for s, _, _ in self._inflight.entries):
+        inflight = self._inflight
+        if inflight is not None and inflight.entries and all(s.done for s, _, _ in inflight.entries):
             self._inflight = None             # nothing left in flight to read
         return True
 
@@ -165,9 +166,22 @@ class PagedEngine:
             c.seq.num_computed = c.end
         done = [c.seq for c in chunks if c.wants_logits]
         if not done:
+            # Nothing to read back, but the step's inputs left pinned buffers that later steps
+            # refill in turn (decode_inputs.py): the next step waits for this one, as for tokens.
+            # Without the wait, back-to-back partial chunks (a long prompt under a small step
+            # cap, nothing decoding) refilled a buffer before its copy ran (H100, session 15).
+            self._inflight = self._marker()
             return []
         self._inflight = self._launch(logits, done, decode=False)
         return self._collect()
+
+    def _marker(self) -> _Launched | None:
+        """An in-flight step with no tokens: waiting for it waits for its copies."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return _Launched([], torch.empty(0, dtype=torch.int64), event)
 
     def _launch(self, logits: torch.Tensor, seqs: list[Sequence], decode: bool,
                 greedy: torch.Tensor | None = None) -> _Launched:
