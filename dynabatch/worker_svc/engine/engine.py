@@ -67,6 +67,7 @@ class PagedEngine:
         self._pending: list[TokenOutput] = []
         self._decode_times: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
         self._prefill_times: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
+        self._prefill_run = (0.0, 0)     # (seconds, prompt tokens) of steps not yet timed
         self._inflight: _Launched | None = None
         self._out = HostBuffers(1, max_running, pin=device.type == "cuda")   # sampled tokens
         self.steps = 0
@@ -120,15 +121,15 @@ class PagedEngine:
         if isinstance(batch[0], PrefillChunk):
             outputs += self._collect()          # prefill reads the tokens still in flight
             chunks = [c for c in batch if not c.seq.done]    # ...one of which may have stopped
+            reads = any(c.wants_logits for c in chunks)
             outputs += self._prefill(chunks)
             n = sum(c.end - c.start for c in chunks)
             dt = time.perf_counter() - t0
-            prompt = sum(c.end - c.start for c in chunks if not c.decode)
-            if prompt >= RATE_MIN_TOKENS:
-                self._prefill_times.append((dt, prompt))
+            self._time_prefill(dt, sum(c.end - c.start for c in chunks if not c.decode), reads)
             self.last_step = StepRecord("prefill", n, sum(c.end for c in chunks), dt)
         else:
             seqs: list[Sequence] = batch  # type: ignore[assignment]
+            self._prefill_run = (0.0, 0)        # this step's wait holds the run's GPU time
             logits, greedy = self.runner.decode(seqs)
             for s in seqs:
                 s.num_computed += 1
@@ -140,6 +141,16 @@ class PagedEngine:
             self.last_step = StepRecord("decode", len(seqs), sum(s.num_computed for s in seqs), dt)
         self.steps += 1
         return outputs
+
+    def _time_prefill(self, seconds: float, prompt_tokens: int, read_back: bool) -> None:
+        """The prefill rate, from runs of back-to-back prefill steps that end in one reading its
+        tokens back: a step that reads nothing does not wait for the GPU, so its own time is
+        the host's alone; the run's sum holds the GPU's (each step waits for the one before)."""
+        seconds += self._prefill_run[0]
+        prompt_tokens += self._prefill_run[1]
+        self._prefill_run = (0.0, 0) if read_back else (seconds, prompt_tokens)
+        if read_back and prompt_tokens >= RATE_MIN_TOKENS:
+            self._prefill_times.append((seconds, prompt_tokens))
 
     def stats(self) -> EngineStats:
         dec = list(self._decode_times)
