@@ -66,6 +66,9 @@ def add_sim_args(p: argparse.ArgumentParser, many: bool = True) -> None:
     g.add_argument("--tpot-ms", type=float, default=50.0, help="SLA: time per output token")
     g.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="override a PolicyConfig field (repeatable), e.g. reserve_output=false")
+    g.add_argument("--mixed-steps", action="store_true",
+                   help="decodes ride along prefill steps (the worker's --mixed-steps), also "
+                        "for a model fitted to the alternating engine")
     g.add_argument("--no-admission", action="store_true",
                    help="ablation: accept every arrival (skip policy.admit)")
     g.add_argument("--max-tokens", default="2048",
@@ -104,7 +107,7 @@ def sim_config(a: argparse.Namespace, policy: str):
                      ttft_target_s=a.ttft_ms / 1000, tpot_target_s=a.tpot_ms / 1000,
                      max_tokens=None if a.max_tokens == "exact" else int(a.max_tokens),
                      policy_overrides=policy_overrides(a.policy_opt),
-                     admission=not a.no_admission)
+                     admission=not a.no_admission, mixed_steps=a.mixed_steps)
 
 
 def _policies(a: argparse.Namespace) -> list[str]:

@@ -46,6 +46,9 @@ class SimConfig:
     admission: bool = True            # False: accept every arrival (ablation of policy.admit)
     feedback_s: float = 0.25          # worker heartbeat / feedback period
     macro_steps: int = 16
+    # The engine's --mixed-steps: decodes ride along prefill steps even with a model fitted to
+    # the alternating engine (the dynamic policies' step prefill cap then applies).
+    mixed_steps: bool = False
     policy_overrides: dict = field(default_factory=dict)
     drain_s: float = 3600.0           # stop this long after the last arrival (unfinished = miss)
 
@@ -57,12 +60,15 @@ def policy_config(cfg: SimConfig) -> PolicyConfig:
 
 class Simulation:
     def __init__(self, trace: Trace, cfg: SimConfig) -> None:
-        self.cfg, m = cfg, cfg.model
+        m = replace(cfg.model, alternate_prefill=False) if cfg.mixed_steps else cfg.model
+        self.cfg = cfg = replace(cfg, model=m)
         self.trace = cap_lengths(trace, max_model_len=m.max_model_len)
         self.policy = make_policy(cfg.policy, policy_config(cfg))
         self.workers = [SimWorker(f"w{i}", m, cfg.macro_steps) for i in range(cfg.workers)]
         self.assigned: list[dict[str, Assigned]] = [{} for _ in self.workers]
-        self.fb: list[tuple[float, float, float, int]] = [(0.0, 0.0, 0.0, 0)] * cfg.workers
+        # (time, decode step ms, batch, steps, prefill tokens/s, step prefill cap)
+        self.fb: list[tuple[float, float, float, int, float, int]] = [
+            (0.0, 0.0, 0.0, 0, 0.0, 0)] * cfg.workers
         self.fb_used = [0] * cfg.workers
         self.views = [self._view(i, 0.0) for i in range(cfg.workers)]
         self.dirty = [False] * cfg.workers
@@ -86,14 +92,15 @@ class Simulation:
 
     # ------------------------------------------------------------------ views
     def _view(self, w: int, now: float) -> WorkerView:
-        t, step_ms, batch, steps = self.fb[w]
+        t, step_ms, batch, steps, rate, cap = self.fb[w]
         m = self.cfg.model
         return WorkerView(worker_id=self.workers[w].worker_id, kv_blocks_total=m.kv_blocks_total,
                           kv_blocks_used=self.fb_used[w], kv_block_size=m.kv_block_size,
                           max_running=m.max_running, max_model_len=m.max_model_len,
                           decode_step_ms=step_ms, decode_batch_size=batch, steps=steps,
                           heartbeat_age_s=min(self.cfg.feedback_s, max(0.0, now - t)),
-                          assigned=tuple(self.assigned[w].values()))
+                          assigned=tuple(self.assigned[w].values()),
+                          prefill_tokens_per_s=rate, step_prefill_tokens=cap or m.max_batch_tokens)
 
     def _waiting_list(self) -> list[Waiting]:
         if self._wlist is None:
@@ -136,7 +143,7 @@ class Simulation:
                 table[s.rid] = Assigned(a.request_id, a.prompt_tokens, a.predicted_output_tokens,
                                         s.generated, a.bin)
         step_ms, batch = worker.take_feedback()
-        self.fb[w] = (now, step_ms, batch, worker.steps)
+        self.fb[w] = (now, step_ms, batch, worker.steps, worker.prefill_rate, worker.prefill_cap)
         self.fb_used[w] = worker.used
         self.dirty[w], self.changed = False, True
         self.views[w] = view = self._view(w, now)
@@ -186,6 +193,8 @@ class Simulation:
                 self._count(now, -1)
                 self._wlist = None
         index = {v.worker_id: w for w, v in enumerate(self.views)}
+        for worker_id, cap in d.step_prefill_tokens.items():
+            self.workers[index[worker_id]].prefill_cap = min(cap, self.cfg.model.max_batch_tokens)
         for worker_id, ids in d.assignments.items():
             w, touched = index[worker_id], False
             for rid in ids:

@@ -8,7 +8,9 @@ model with ``alternate_prefill``, like this project's engine, in prefill-only st
 alternate with decode-only steps), and hold
 ``ceil((prompt + generated) / block_size)`` blocks. When decodes outgrow the pool, the most
 recently admitted sequence is preempted: its blocks are freed and it goes back to the front of
-the worker's queue to be prefilled again (prompt + tokens generated so far).
+the worker's queue to be prefilled again (prompt + tokens generated so far). A step prefill cap
+from the policy (`prefill_cap`, policy/prefill_cap.py) bounds a step's prompt tokens, as the
+real engine's `set_step_prefill_tokens`; the worker reports the prefill rate it is set from.
 
 Speed: a step changes nothing but token counts unless a sequence joins, finishes or needs a new
 block, so consecutive decode-only steps are applied together ("macro step", at most one block
@@ -76,6 +78,8 @@ class SimWorker:
         self.preemptions = 0
         self.busy_ms = 0.0
         self.last_was_prefill = False
+        self.prefill_cap = 0             # prompt tokens per step from the policy (0: none)
+        self.prefill_rate = 0.0          # prompt tokens/s of the last step of >= 256 of them
         # Measurements since the last feedback (means are reported, like EngineStats).
         self.acc_ms = self.acc_batch = 0.0
         self.acc_steps = 0
@@ -139,7 +143,8 @@ class SimWorker:
         m = self.m
         b = len(self.decoding) if decodes else 0
         ctx = sum(s.tokens for s in self.decoding) if decodes else 0
-        budget, chunks, toks, attn = max(0, m.max_batch_tokens - b), [], 0, 0.0
+        budget = self.prefill_cap or max(0, m.max_batch_tokens - b)
+        chunks, toks, attn = [], 0, 0.0
         for s in self.prefilling:
             t = min(budget, s.to_prefill - s.prefix)
             if t <= 0:
@@ -196,6 +201,9 @@ class SimWorker:
             for s in self.decoding:
                 s.generated += k
         used_delta = 0
+        prompt = sum(t for _, t in p.chunks)
+        if prompt >= 256:                  # as the engine measures it (engine.RATE_MIN_TOKENS)
+            self.prefill_rate = prompt * 1000.0 / p.cum_ms[-1]
         for s, t in p.chunks:
             s.prefix += t
             if s.prefix >= s.to_prefill:   # prefill done: it yields the next token

@@ -121,3 +121,33 @@ def test_alternating_engine_prefills_alone_and_stalls_decodes() -> None:
         assert a.generated - before == (0 if prefill else 1)   # one decode step at a time
         t = end
     assert kinds == ["decode", "prefill", "decode", "prefill"]   # a's prefill came last
+
+
+@pytest.mark.parametrize("policy, capped", [("dynamic", True), ("fcfs", False)])
+def test_mixed_steps_take_the_policys_step_prefill_cap(policy: str, capped: bool) -> None:
+    """--mixed-steps on a model fitted to the alternating engine: prefill steps carry the
+    decodes, and a dynamic policy's step prefill cap (policy/prefill_cap.py) bounds every later
+    step's prompt tokens, with the rate the simulated worker measured; fcfs sets none."""
+    from dynabatch.bench.simulator import Simulation
+    m = dataclasses.replace(load_model("h200-llama1b"), alternate_prefill=True)
+    trace = Trace([TraceRequest(0.05 * i, 3000 if i % 5 == 0 else 200, 60) for i in range(60)])
+    sim = Simulation(trace, SimConfig(policy=policy, model=m, mixed_steps=True,
+                                      tpot_target_s=0.012))
+    assert sim.cfg.model.alternate_prefill is False
+    seen: list[int] = []
+    worker = sim.workers[0]
+    plan = worker._prefill_plan
+
+    def watch(now, decodes):
+        p = plan(now, decodes)
+        seen.append((worker.prefill_cap, sum(t for _, t in p.chunks)))
+        return p
+    worker._prefill_plan = watch
+    result = sim.run()
+    assert all(r.outcome is Outcome.OK for r in result.records)
+    if capped:
+        assert 0 < worker.prefill_cap < m.max_batch_tokens
+        assert all(tokens <= cap for cap, tokens in seen if cap)
+        assert any(cap for cap, _ in seen)
+    else:
+        assert worker.prefill_cap == 0 and max(t for _, t in seen) > 2048 - 60
