@@ -39,7 +39,8 @@ def simulate_point(point: dict, live: dict, trace: tr.Trace, model: LatencyModel
     cfg = SimConfig(policy=point["policy"], model=model, max_tokens=None,
                     ttft_target_s=live["sla"]["ttft_ms"] / 1000,
                     tpot_target_s=live["sla"]["tpot_ms"] / 1000,
-                    policy_overrides=policy_overrides(point.get("opts", [])))
+                    policy_overrides=policy_overrides(point.get("opts", [])),
+                    mixed_steps=live.get("mixed_steps", False))
     return summarize(simulate(seg, cfg))
 
 

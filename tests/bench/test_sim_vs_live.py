@@ -30,3 +30,15 @@ def test_self_comparison_is_exact_and_fit_recovers_loop_ms() -> None:
     best, loss = svl.fit_loop_ms(live, trace, base, [0.0, 1.5, 3.0, 6.0])
     assert best == 3.0 and loss[3.0] == pytest.approx(0.0)
     assert loss[0.0] > 0 and loss[6.0] > 0
+
+
+def test_a_mixed_steps_run_is_simulated_with_mixed_steps() -> None:
+    """live_capacity --mixed-steps records it; the simulated points must run the same engine
+    (decodes in prefill steps), or the alternating model's stalls would be compared instead."""
+    trace = poisson(5.0, 300, seed=4)
+    base = replace(load_model("h200-llama8b-kv8g"), alternate_prefill=True)
+    point = {"label": "fcfs", "policy": "fcfs", "opts": [], "target_rps": 5.0}
+    live = {"seconds_per_point": 20.0, "sla": {"ttft_ms": 2000, "tpot_ms": 50}}
+    alternating = svl.simulate_point(point, live, trace, base)
+    mixed = svl.simulate_point(point, {**live, "mixed_steps": True}, trace, base)
+    assert mixed["tpot_ms"]["p99"] < alternating["tpot_ms"]["p99"]
