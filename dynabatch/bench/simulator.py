@@ -100,7 +100,8 @@ class Simulation:
                           decode_step_ms=step_ms, decode_batch_size=batch, steps=steps,
                           heartbeat_age_s=min(self.cfg.feedback_s, max(0.0, now - t)),
                           assigned=tuple(self.assigned[w].values()),
-                          prefill_tokens_per_s=rate, step_prefill_tokens=cap or m.max_batch_tokens)
+                          prefill_tokens_per_s=rate,
+                          step_prefill_tokens=0 if m.alternate_prefill else cap or m.max_batch_tokens)
 
     def _waiting_list(self) -> list[Waiting]:
         if self._wlist is None:

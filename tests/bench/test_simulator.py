@@ -123,17 +123,21 @@ def test_alternating_engine_prefills_alone_and_stalls_decodes() -> None:
     assert kinds == ["decode", "prefill", "decode", "prefill"]   # a's prefill came last
 
 
-@pytest.mark.parametrize("policy, capped", [("dynamic", True), ("fcfs", False)])
-def test_mixed_steps_take_the_policys_step_prefill_cap(policy: str, capped: bool) -> None:
+@pytest.mark.parametrize("policy, mixed, capped", [("dynamic", True, True),
+                                                    ("fcfs", True, False),
+                                                    ("dynamic", False, False)])
+def test_mixed_steps_take_the_policys_step_prefill_cap(policy: str, mixed: bool,
+                                                       capped: bool) -> None:
     """--mixed-steps on a model fitted to the alternating engine: prefill steps carry the
     decodes, and a dynamic policy's step prefill cap (policy/prefill_cap.py) bounds every later
-    step's prompt tokens, with the rate the simulated worker measured; fcfs sets none."""
+    step's prompt tokens, with the rate the simulated worker measured; fcfs sets none, and an
+    alternating worker takes none."""
     from dynabatch.bench.simulator import Simulation
     m = dataclasses.replace(load_model("h200-llama1b"), alternate_prefill=True)
     trace = Trace([TraceRequest(0.05 * i, 3000 if i % 5 == 0 else 200, 60) for i in range(60)])
-    sim = Simulation(trace, SimConfig(policy=policy, model=m, mixed_steps=True,
+    sim = Simulation(trace, SimConfig(policy=policy, model=m, mixed_steps=mixed,
                                       tpot_target_s=0.012))
-    assert sim.cfg.model.alternate_prefill is False
+    assert sim.cfg.model.alternate_prefill is not mixed
     seen: list[int] = []
     worker = sim.workers[0]
     plan = worker._prefill_plan

@@ -122,6 +122,10 @@ def test_mixed_steps_carry_decodes_under_the_step_cap(llama_path: Path, ref_llam
     assert engine.stats().step_prefill_tokens == 64
     engine.set_step_prefill_tokens(10_000)             # never above it
     assert engine.stats().step_prefill_tokens == 64
+    alternating = engine_for(llama_path, prefill_token_budget=64)
+    alternating.set_step_prefill_tokens(16)            # takes no cap: reports none
+    assert alternating.stats().step_prefill_tokens == 0
+    assert alternating.scheduler.token_budget == 64
 
 
 def test_prefill_rate_counts_runs_of_small_chunks(llama_path: Path) -> None:

@@ -49,3 +49,11 @@ def test_dynamic_policies_cap_the_step_and_fcfs_does_not() -> None:
     assert make_policy("fcfs", cfg).decide([req("a")], _workers(), 1.0).step_prefill_tokens == {}
     off = PolicyConfig(tpot_target_s=0.010, eps=0.0, sla_prefill=False)
     assert make_policy("dynamic", off).decide([req("a")], _workers(), 1.0).step_prefill_tokens == {}
+
+
+def test_a_worker_that_takes_no_cap_gets_none() -> None:
+    """An engine whose steps alternate reports step_prefill_tokens 0: no cap is sent to it."""
+    w = _workers()[0]
+    alternating = w.__class__(**{**w.__dict__, "step_prefill_tokens": 0})
+    cfg = PolicyConfig(tpot_target_s=0.010, eps=0.0)
+    assert make_policy("dynamic", cfg).decide([req("a")], [alternating], 1.0).step_prefill_tokens == {}

@@ -173,6 +173,8 @@ class BatchingPolicy:
         if c.controller == "dynamic" and c.sla_prefill:
             for s in slots:
                 w = s.worker
+                if w.step_prefill_tokens <= 0:    # its engine takes no cap (alternating steps)
+                    continue
                 cap = step_prefill_tokens(w.decode_step_ms, w.prefill_tokens_per_s,
                                           w.step_prefill_tokens, self.tpot_target(w), c.eps)
                 if cap:

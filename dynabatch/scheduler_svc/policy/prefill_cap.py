@@ -25,7 +25,8 @@ MIN_TOKENS = 64      # a step always makes some prefill progress
 def step_prefill_tokens(decode_step_ms: float, prefill_tokens_per_s: float, current: int,
                         tpot_target_s: float, eps: float) -> int:
     """The cap to send (0: nothing measured yet, leave the worker's as it is). `current`: the
-    worker's cap in force (0 if unknown)."""
+    worker's cap in force (0 if unknown; decide() skips a worker reporting none, whose engine
+    alternates prefill and decode steps and takes no cap)."""
     if decode_step_ms <= 0 or prefill_tokens_per_s <= 0:
         return 0
     room_s = tpot_target_s * (1.0 - eps) - decode_step_ms / 1000.0

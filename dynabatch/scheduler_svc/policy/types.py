@@ -50,7 +50,8 @@ class WorkerView:
     accepting: bool = True
     assigned: tuple[Assigned, ...] = ()
     prefill_tokens_per_s: float = 0.0   # measured on steps of >= 256 prompt tokens
-    step_prefill_tokens: int = 0        # the engine's cap on a step's prompt tokens (0: none)
+    step_prefill_tokens: int = 0        # the engine's cap on a step's prompt tokens (0: it
+    #                                     takes none: steps alternate, no mixed steps)
 
 
 @dataclass

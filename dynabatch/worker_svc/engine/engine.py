@@ -103,7 +103,11 @@ class PagedEngine:
         return True
 
     def set_step_prefill_tokens(self, n: int) -> None:
-        """Prefill tokens per step from now on (0: the configured maximum), at most that."""
+        """Prefill tokens per step from now on (0: the configured maximum), at most that. Only
+        with mixed steps: in alternating steps a smaller chunk only adds prefill steps, each of
+        which stalls every decode, so that engine keeps its budget (and reports no cap)."""
+        if not self.scheduler.mixed:
+            return
         self.scheduler.token_budget = min(n, self.max_prefill_tokens) if n > 0 else \
             self.max_prefill_tokens
 
@@ -166,7 +170,7 @@ class PagedEngine:
             prefill_tokens_per_s=sum(n for _, n in pre) / pre_s if pre_s > 0 else 0.0,
             max_model_len=self.max_model_len, max_running=self.scheduler.max_running,
             steps=self.steps, preemptions=self.scheduler.preemptions,
-            step_prefill_tokens=self.scheduler.token_budget)
+            step_prefill_tokens=self.scheduler.token_budget if self.scheduler.mixed else 0)
 
     # -- internals -------------------------------------------------------------------------
     def _prefill(self, chunks: list[PrefillChunk]) -> list[TokenOutput]:
