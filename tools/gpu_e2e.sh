@@ -107,7 +107,7 @@ for stage in "$@"; do
                    # dynamic policies' step prefill cap (policy/prefill_cap.py). POINTS: the
                    # --point flags, rates in H200 terms ({r} scaled); TPOT=ms skips calibrating
       calibrate8b
-      pts=(); for p in ${POINTS:-fcfs@1.2 dynamic@1.9,2.6,3.3}; do
+      pts=(); for p in ${POINTS:-fcfs@1.3,2.0 dynamic@1.3,2.0,2.7 multibin@2.0,2.7}; do
         pts+=(--point "$(python3 -c "
 import sys; pol, rates = sys.argv[1].split('@')
 print(pol + '@' + ','.join(str(round(float(r) * $S, 2)) for r in rates.split(',')))" "$p")"); done
