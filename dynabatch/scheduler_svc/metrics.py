@@ -55,6 +55,9 @@ class SchedulerMetrics:
                            registry=r)
         self.b_target = Gauge("dynabatch_b_target", "Batch target the policy assigns against",
                               ["worker"], registry=r)
+        self.step_prefill_tokens = Gauge(
+            "dynabatch_step_prefill_tokens", "Prompt tokens one engine step may prefill, as the "
+            "policy capped it (policy/prefill_cap.py)", ["worker"], registry=r)
         self.ttft = Histogram(prom_name(GEN_AI_SERVER_TIME_TO_FIRST_TOKEN),
                               "Arrival to first token relayed", ["gen_ai_request_model"],
                               unit="seconds", buckets=TTFT_BUCKETS, registry=r)
@@ -130,6 +133,8 @@ class SchedulerMetrics:
             self.b_sla.labels(worker).set(v)
         for worker, v in d.batch_targets.items():
             self.b_target.labels(worker).set(v)
+        for worker, v in d.step_prefill_tokens.items():
+            self.step_prefill_tokens.labels(worker).set(v)
 
     def refresh(self, now: float, depth_by_bin: dict[int, int], workers: list[WorkerView],
                 running: dict[str, int]) -> None:
@@ -138,7 +143,8 @@ class SchedulerMetrics:
             self.queue_depth.labels(str(b)).set(n)
         live = {w.worker_id for w in workers}
         for gone in self._workers - live:       # a dead worker's gauges go with it
-            for g in (self.running, self.batch_size, self.b_mem, self.b_sla, self.b_target):
+            for g in (self.running, self.batch_size, self.b_mem, self.b_sla, self.b_target,
+                      self.step_prefill_tokens):
                 try:
                     g.remove(gone)
                 except KeyError:

@@ -76,3 +76,19 @@ async def test_queue_depth_per_bin_while_requests_wait(redis_url, scrape):
             s = await asyncio.to_thread(scrape, stack.scheduler.metrics_server.port)
             assert s['dynabatch_queue_depth{bin="0"}'] == 0
             assert s['dynabatch_requests_finished_total{outcome="completed"}'] == 5
+
+
+def test_the_step_prefill_cap_is_a_gauge_per_worker() -> None:
+    """The policy's cap per worker (policy/prefill_cap.py) as dynabatch_step_prefill_tokens; a
+    worker that leaves takes its sample with it."""
+    from dynabatch.scheduler_svc.metrics import SchedulerMetrics
+    from dynabatch.scheduler_svc.policy import Decision
+
+    m = SchedulerMetrics()
+    m.decided(Decision(step_prefill_tokens={"w1": 200}))
+    sample = lambda: m.registry.get_sample_value("dynabatch_step_prefill_tokens",  # noqa: E731
+                                                 {"worker": "w1"})
+    assert sample() == 200
+    m._workers = {"w1"}                 # w1 was live at the last refresh, and is gone now
+    m.refresh(1.0, {}, [], {})
+    assert sample() is None
