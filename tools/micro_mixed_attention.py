@@ -14,31 +14,10 @@ import json
 import torch
 
 from dynabatch.worker_svc.engine import triton_prefill as tp
+from micro_decode_ops import graph_us   # tools/ is on the path when run as a script
 
 HEADS, KV_HEADS, DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
 CHUNK = 64
-
-
-def graph_us(fn, reps: int = 20, inner: int = 8) -> float:
-    """Microseconds per call of fn(), from a graph holding `inner` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (reps * inner)
 
 
 def case(rows: int, context: int) -> float:
@@ -57,7 +36,8 @@ def case(rows: int, context: int) -> float:
     seqs = torch.stack([starts, torch.tensor(q_lens), torch.full((n_seqs,), context),
                         torch.arange(n_seqs)]).to("cuda")
     tiles = torch.from_numpy(tp.plan_tiles(q_lens, tp.max_tiles(total, n_seqs))).to("cuda")
-    return graph_us(lambda: tp.paged_prefill(q, kv[0], kv[1], tiles, seqs, table, DIM ** -0.5))
+    return graph_us(lambda: tp.paged_prefill(q, kv[0], kv[1], tiles, seqs, table, DIM ** -0.5),
+                    reps=20, inner=8)
 
 
 def main() -> None:

@@ -37,7 +37,6 @@ class FakeEngine:
         self.waiting: list[_Seq] = []
         self.running: dict[str, _Seq] = {}
         self._steps = 0
-        self.step_prefill_tokens = 0     # kept and reported only (no prefill here)
         self._step_ms = 0.0
         self._batch = 0.0
 
@@ -57,7 +56,7 @@ class FakeEngine:
         self.waiting.append(seq)
 
     def set_step_prefill_tokens(self, n: int) -> None:
-        self.step_prefill_tokens = max(0, n)
+        """No prefill here: like an alternating engine it takes no cap (and reports none)."""
 
     def abort(self, request_id: str) -> bool:
         if self.running.pop(request_id, None) is not None:
@@ -108,5 +107,4 @@ class FakeEngine:
                            kv_block_size=self.block_size, decode_step_ms=self._step_ms,
                            decode_batch_size=self._batch, prefill_tokens_per_s=0.0,
                            max_model_len=self.max_model_len, max_running=self.max_running,
-                           steps=self._steps, preemptions=0,
-                           step_prefill_tokens=self.step_prefill_tokens)
+                           steps=self._steps, preemptions=0)
