@@ -3,7 +3,7 @@
 # baseline), and the same without torch.compile for comparison.
 # Usage (repo root, CUDA machine): OUT=/some/dir tools/gpu_engine_suite.sh [stages...]
 # Stages: tests bench bench_eager bench_eager_prefill bench_unpadded_prefill bench_no_gemv
-# micro_gemv micro_mixed profile (default: tests bench bench_eager profile). Results land in $OUT.
+# micro_gemv micro_mixed mixed_steps profile (default: tests bench bench_eager profile). Results land in $OUT.
 # BENCH_ARGS: more engine_bench flags for every bench stage (e.g. "--baseline-batches none" to
 # skip HF's baseline).
 set -u
@@ -28,6 +28,8 @@ for s in $stages; do
     micro_gemv) timeout 300 python3 tools/micro_gemv.py --json "$OUT/micro_gemv.json" 2>&1 | tee "$OUT/micro_gemv.log" ;;
     micro_mixed) timeout 200 python3 tools/micro_mixed_attention.py --json "$OUT/micro_mixed_attention.json" \
         2>&1 | tee "$OUT/micro_mixed_attention.log" ;;
+    mixed_steps) timeout 300 python3 tools/mixed_step_time.py --json "$OUT/mixed_step_time.json" \
+        2>&1 | tee "$OUT/mixed_step_time.log" ;;
     profile) timeout 300 python3 tools/profile_decode.py --model llama-3.2-1b-shape --batches 1,64 \
         --out "$OUT/profile" 2>&1 | tee "$OUT/profile_decode.log" ;;
   esac

@@ -25,6 +25,7 @@ def padded_engine(path: Path, **kw):
     engine = engine_for(path, **kw)
     runner = engine.runner
     runner.prefill_graphs = PrefillGraphs(runner._prefill_forward, runner.inputs,
+                                          engine.model.config.num_attention_heads,
                                           engine.scheduler.max_running,
                                           engine.scheduler.token_budget, graphs=False)
     return engine
@@ -61,3 +62,27 @@ def test_padded_prefill_after_preemption(llama_path: Path, ref_llama) -> None:
     assert engine.stats().preemptions > 0
     for r in reqs:
         assert tokens(outs[r.request_id]) == greedy_reference(ref_llama, r.prompt_token_ids, 30)
+
+
+def test_padded_mixed_steps_split_long_contexts(llama_path: Path, ref_llama, monkeypatch) -> None:
+    """Mixed steps (decode rows riding along chunks) whose tiles are cut into pieces of
+    context (pieces of 64 tokens here, triton_prefill.plan) still decode as model.generate."""
+    tp = interpreted_module("triton_prefill")
+    monkeypatch.setattr(tp, "MIN_PIECE", tp.BLOCK_N)
+    split_tiles: list[int] = []
+    plan = tp.plan
+
+    def recorded(*args):
+        items, merges = plan(*args)
+        split_tiles.append(int((merges[0] >= 0).sum()))
+        return items, merges
+
+    monkeypatch.setattr(tp, "plan", recorded)
+    prompts = random_prompts(4, 7, 70, 140)
+    reqs = [SequenceRequest(f"s{i}", p, 5 + i, ignore_eos=True) for i, p in enumerate(prompts)]
+    engine = padded_engine(llama_path, prefill_token_budget=32, mixed_steps=True)
+    outs = drain(engine, {0: reqs[:2], 4: reqs[2:]})
+    for r in reqs:
+        assert tokens(outs[r.request_id]) == greedy_reference(ref_llama, r.prompt_token_ids,
+                                                              r.max_tokens)
+    assert max(split_tiles) >= 2

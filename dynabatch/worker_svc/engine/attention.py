@@ -44,9 +44,11 @@ class VarlenPlan:
 class PagedPlan:
     """A prefill step's layout for the Triton paged kernel (triton_prefill.py), which reads
     every context in place through the device block table; CUDA-graph safe."""
-    tiles: torch.Tensor                   # [2, NT]: (chunk, first query) per tile, -1 = none
+    items: torch.Tensor                   # [5, NI]: triton_prefill.plan's work items
+    merges: torch.Tensor                  # [4, NM]: its split tiles
     seqs: torch.Tensor                    # [4, S]: query offset, query count, context, row
     table: torch.Tensor                   # [R, W] int32, the device block table
+    scratch: object = None                # triton_prefill.Scratch for the pieces' partials
 
 
 def varlen_plan(starts: list[int], ends: list[int], tables: list[np.ndarray], kv: torch.Tensor
@@ -144,7 +146,8 @@ def prefill_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, meta: Paged
         from dynabatch.worker_svc.engine.triton_prefill import paged_prefill
 
         p = meta.paged
-        return paged_prefill(q, kv[layer, 0], kv[layer, 1], p.tiles, p.seqs, p.table, scale)
+        return paged_prefill(q, kv[layer, 0], kv[layer, 1], p.items, p.merges, p.seqs, p.table,
+                             scale, p.scratch)
     plan = meta.varlen
     if plan is None:
         return reference_paged_attention(q, kv[layer, 0], kv[layer, 1], meta, scale, k_new,

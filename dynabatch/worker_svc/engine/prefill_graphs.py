@@ -4,8 +4,8 @@ A prefill step's shape changes every step, so run as it comes its cost on a fast
 host's: ~17 compiled pieces and their launches (prefill.py), 7-8 ms for the 1B shape whatever
 the prompt length (session 6, H100), while the GPU needs ~1-3 ms for a short prompt. Padded up
 to a bucket (16 ... `max_tokens` tokens) a step has a fixed shape and replays one graph: the
-step's tokens, positions and table rows, its chunks and their attention tiles
-(triton_prefill.py) go to the device in one copy, and the graph derives the cache slots from
+step's tokens, positions and table rows, its chunks and their attention work items (tiles,
+some cut into pieces of context: triton_prefill.py) go to the device in one copy, and the graph derives the cache slots from
 the device block table (decode_inputs.py) and runs the whole forward.
 
 Padding stays harmless: padded tokens sit at position 0 of the null row, so they write the
@@ -41,36 +41,46 @@ class _Layout:
     """Where each input of a bucket lies in its flat int64 buffer."""
     tokens: int       # padded token count
     seqs: int         # padded chunk count
-    tiles: int
+    items: int        # attention work items (triton_prefill.plan)
+    merges: int       # split tiles
 
     @property
     def size(self) -> int:
-        return 3 * self.tokens + self.seqs + 2 * self.tiles + 4 * self.seqs
+        return 3 * self.tokens + self.seqs + 5 * self.items + 4 * self.merges + 4 * self.seqs
 
     def split(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(ids, pos, rows, keep, tiles [2, NT], seqs [4, S]) views of a buffer."""
-        t, s, n = self.tokens, self.seqs, self.tiles
-        ids, pos, rows, keep, tiles, seqs = buf.split((t, t, t, s, 2 * n, 4 * s))
-        return ids, pos, rows, keep, tiles.view(2, n), seqs.view(4, s)
+        """(ids, pos, rows, keep, items [5, NI], merges [4, NM], seqs [4, S]) views."""
+        t, s, n, k = self.tokens, self.seqs, self.items, self.merges
+        ids, pos, rows, keep, items, merges, seqs = buf.split((t, t, t, s, 5 * n, 4 * k, 4 * s))
+        return ids, pos, rows, keep, items.view(5, n), merges.view(4, k), seqs.view(4, s)
 
 
 class PrefillGraphs:
-    def __init__(self, forward: Forward, inputs: DecodeInputs, max_seqs: int, max_tokens: int,
-                 graphs: bool = True) -> None:
-        """Buckets up to max_tokens (at most MAX_TOKENS). `graphs=False` runs the same padded
-        steps without capturing (CPU tests: the kernel in Triton's interpreter)."""
-        from dynabatch.worker_svc.engine import triton_prefill   # triton: only where it runs
+    def __init__(self, forward: Forward, inputs: DecodeInputs, heads: int, max_seqs: int,
+                 max_tokens: int, graphs: bool = True) -> None:
+        """Buckets up to max_tokens (at most MAX_TOKENS); `heads`: the model's query heads.
+        `graphs=False` runs the same padded steps without capturing (CPU tests: the kernel in
+        Triton's interpreter)."""
+        from dynabatch.worker_svc.engine import triton_prefill as tp   # triton: only where it runs
+        from dynabatch.worker_svc.engine.triton_decode import _sm_count
 
-        self._plan_tiles = triton_prefill.plan_tiles
-        max_tiles = triton_prefill.max_tiles
+        self._tp = tp
         self.forward = forward
         self.inputs = inputs
         self.use_graphs = graphs
         top = min(max_tokens, MAX_TOKENS)
         self.buckets = sorted({b for b in _BUCKETS if b < top} | {top})
-        self.layouts = {b: _Layout(b, min(b, max_seqs), max_tiles(b, min(b, max_seqs)))
-                        for b in self.buckets}
         device = inputs.device
+        _, _, _, kv_heads, _, dim = inputs.kv.data.shape
+        self.split_target = tp.split_target(kv_heads, _sm_count(device))
+        slots = 2 * self.split_target
+        self.layouts = {}
+        for prev, b in zip([0] + self.buckets, self.buckets):
+            seqs = min(b, max_seqs)
+            # A bucket whose steps hold at least split_target tiles never splits one.
+            s = slots if prev // tp.BLOCK_M + 1 < self.split_target else 0
+            self.layouts[b] = _Layout(b, seqs, tp.max_tiles(b, seqs) + s, s // 2)
+        self.scratch = tp.Scratch.make(slots, heads, kv_heads, dim, device)
         self._bufs = {b: torch.zeros(lay.size, dtype=torch.int64, device=device)
                       for b, lay in self.layouts.items()}
         self._host = HostBuffers(1, max(lay.size for lay in self.layouts.values()),
@@ -82,7 +92,7 @@ class PrefillGraphs:
         return self.buckets[-1]
 
     def _step(self, b: int) -> torch.Tensor:
-        ids, pos, rows, keep, tiles, seqs = self.layouts[b].split(self._bufs[b])
+        ids, pos, rows, keep, items, merges, seqs = self.layouts[b].split(self._bufs[b])
         inputs = self.inputs
         blocks = inputs.table[rows, pos // inputs.block_size].long()
         offsets = pos % inputs.block_size
@@ -91,7 +101,7 @@ class PrefillGraphs:
         meta = PagedMetadata(kv=kv, write_blocks=blocks, write_offsets=offsets,
                              block_tables=inputs.table, context_lens=empty, decode=False,
                              write_rows=kv_rows(kv, blocks, offsets),
-                             paged=PagedPlan(tiles, seqs, inputs.table))
+                             paged=PagedPlan(items, merges, seqs, inputs.table, self.scratch))
         return self.forward(ids, pos, meta, keep)
 
     @torch.inference_mode()
@@ -123,18 +133,20 @@ class PrefillGraphs:
         b = next(x for x in self.buckets if x >= t)
         lay = self.layouts[b]
         host = self._host.next(lay.size)[0, : lay.size]
-        ids, pos, rows, keep_h, tiles, seqs = (a.numpy() for a in lay.split(host))
+        ids, pos, rows, keep_h, items, merges, seqs = (a.numpy() for a in lay.split(host))
         ids[:t] = [tok for c in chunks for tok in c.seq.tokens[c.start:c.end]]
         pos[:t] = np.concatenate([np.arange(c.start, c.end) for c in chunks])
         rows[:t] = np.repeat([c.seq.row for c in chunks], q_lens)
         ids[t:], pos[t:], rows[t:] = 0, 0, self.inputs.null_row
         keep_h[: len(keep)], keep_h[len(keep):] = keep, 0
-        tiles[:] = self._plan_tiles(q_lens, lay.tiles)
+        ctx = [c.end for c in chunks]
+        items[:], merges[:] = self._tp.plan(q_lens, ctx, lay.items, 2 * lay.merges,
+                                            self.split_target)
         n = len(chunks)
         seqs[:, n:] = 0
         seqs[0, :n] = np.cumsum(q_lens) - q_lens
         seqs[1, :n] = q_lens
-        seqs[2, :n] = [c.end for c in chunks]
+        seqs[2, :n] = ctx
         seqs[3, :n] = [c.seq.row for c in chunks]
         self.inputs.stage_table([c.seq for c in chunks])
         self._bufs[b].copy_(host, non_blocking=True)

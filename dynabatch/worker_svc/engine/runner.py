@@ -74,8 +74,8 @@ class ModelRunner:
         heads = model.config.num_attention_heads
         if (self.graphs is not None and prefill_graph_tokens > 0
                 and supported(heads, *kv_shape(model.config))):
-            self.prefill_graphs = PrefillGraphs(self._prefill_forward, self.inputs, max_running,
-                                                prefill_graph_tokens)
+            self.prefill_graphs = PrefillGraphs(self._prefill_forward, self.inputs, heads,
+                                                max_running, prefill_graph_tokens)
 
     @property
     def min_decode_batch(self) -> int:

@@ -36,10 +36,13 @@ _SPLIT_BLOCK_N = 64       # tile (and chunk granularity) of the split kernel
 @triton.jit
 def online_softmax_step(s, v, m_i, l_i, acc):
     """Fold one tile of scores s [M, N] (log2 domain, -inf where masked) and its values v
-    [N, D] into the running max m_i, sum l_i [M] and unnormalised output acc [M, D]."""
+    [N, D] into the running max m_i, sum l_i [M] and unnormalised output acc [M, D]. A row
+    that has seen no unmasked score yet (a prefill piece past its query, triton_prefill.py)
+    keeps max -inf, sum 0 and output 0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - base[:, None])
+    alpha = tl.exp2(m_i - base)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
