@@ -7,7 +7,7 @@
 # BENCH_ARGS: more engine_bench flags for every bench stage (e.g. "--baseline-batches none" to
 # skip HF's baseline).
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 stages=${*:-tests bench bench_eager profile}
