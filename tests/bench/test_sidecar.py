@@ -49,7 +49,8 @@ def test_sidecar_runs_both_paths(redis_url: str, tmp_path: Path, client_procs: i
             cores = run["meta"]["cpu_cores"]
             want = {"scheduler", "scheduler1"} if schedulers == 2 else {"scheduler"}
             assert set(cores) == want | {"worker_serving", "engine"}, name
-            assert cores["scheduler"] > 0 and cores["engine"] > 0, name
+            # /proc counts CPU in 10-ms ticks: one process of a 6-request run may read 0
+            assert min(cores.values()) >= 0 and cores["scheduler"] + cores["engine"] > 0, name
     assert set(res["added_at_moderate_load"]) == {"ttft_ms", "tpot_ms"}
     # the whole path's hops, in order, none negative beyond clock rounding; in-process has none
     hop_names = list(res["runs"]["stack_offline"]["hops_ms"])
