@@ -75,7 +75,7 @@ def main() -> None:
     print(f"{'decodes':>7} {'context':>7} {'chunk':>5} {'split':>5} {'decode ms':>9} "
           f"{'mixed ms':>8} {'extra ms':>8}")
     for context in (512, 4096):
-        for k in (1, 4, 8):
+        for k in (4, 8):
             for chunk in (64, 256):
                 for split in (True, False):
                     r = case(engine, k, context, chunk, split, rng)
