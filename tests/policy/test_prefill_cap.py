@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from dynabatch.scheduler_svc.policy import PolicyConfig, make_policy
 from dynabatch.scheduler_svc.policy.prefill_cap import MIN_TOKENS, step_prefill_tokens
 
-from .helpers import req, worker
+from .helpers import req, running, worker
 
 
 def test_the_cap_fills_the_room_the_decode_step_leaves() -> None:
@@ -57,3 +57,17 @@ def test_a_worker_that_takes_no_cap_gets_none() -> None:
     alternating = w.__class__(**{**w.__dict__, "step_prefill_tokens": 0})
     cfg = PolicyConfig(tpot_target_s=0.010, eps=0.0)
     assert make_policy("dynamic", cfg).decide([req("a")], [alternating], 1.0).step_prefill_tokens == {}
+
+
+def test_the_cap_follows_the_requests_targets_and_an_idle_worker_keeps_its_own() -> None:
+    """The cap uses the tightest target of the worker's requests, those sent in this decision
+    included (here 8 ms against the 50-ms default: 2 ms of room at 50k tok/s = 100 tokens); a
+    worker with none gets no new cap, so the default cannot raise it between busy spells."""
+    cfg = PolicyConfig(tpot_target_s=0.050, eps=0.0)
+    d = make_policy("dynamic", cfg).decide([req("a", tpot=0.008)], _workers(), now=1.0)
+    assert d.assignments == {"w0": ["a"]} and d.step_prefill_tokens == {"w0": 100}
+    assert make_policy("dynamic", cfg).decide([], _workers(), now=1.0).step_prefill_tokens == {}
+    busy = _workers()[0]
+    busy = busy.__class__(**{**busy.__dict__, "assigned": running(1)})
+    d = make_policy("dynamic", cfg).decide([], [busy], now=1.0)
+    assert d.step_prefill_tokens == {"w0": (44 * 50_000) // 1000}     # the default, 50 ms

@@ -74,9 +74,11 @@ class BatchingPolicy:
 
     def tpot_target(self, worker: WorkerView) -> float:
         """The batch's TPOT target: the tightest among its requests (their own or the default)."""
+        return self._tightest([a.request_id for a in worker.assigned])
+
+    def _tightest(self, request_ids: list[str]) -> float:
         default = self.config.tpot_target_s
-        return min((self._tpot.get(a.request_id, default) for a in worker.assigned),
-                   default=default)
+        return min((self._tpot.get(i, default) for i in request_ids), default=default)
 
     def on_finish(self, request_id: str, prompt_tokens: int, output_tokens: int,
                   now: float) -> None:
@@ -175,8 +177,15 @@ class BatchingPolicy:
                 w = s.worker
                 if w.step_prefill_tokens <= 0:    # its engine takes no cap (alternating steps)
                     continue
+                # Its requests' targets, those sent now included. An idle worker keeps its cap:
+                # the default target (50 ms) would raise it for the next request to arrive,
+                # whose own target may be far tighter (live, session 16: caps of 700-1,340
+                # tokens at the start of busy spells against ~64 at the requests' 8.7 ms).
+                ids = [a.request_id for a in w.assigned] + s.taken
+                if not ids:
+                    continue
                 cap = step_prefill_tokens(w.decode_step_ms, w.prefill_tokens_per_s,
-                                          w.step_prefill_tokens, self.tpot_target(w), c.eps)
+                                          w.step_prefill_tokens, self._tightest(ids), c.eps)
                 if cap:
                     decision.step_prefill_tokens[w.worker_id] = cap
         return decision
