@@ -16,7 +16,7 @@ import json
 import torch
 
 from dynabatch.worker_svc.engine import triton_prefill as tp
-from dynabatch.worker_svc.engine.triton_decode import _sm_count
+from dynabatch.worker_svc.engine.triton_decode import sm_count
 from micro_decode_ops import graph_us   # tools/ is on the path when run as a script
 
 HEADS, KV_HEADS, DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
@@ -38,7 +38,7 @@ def case(rows: int, context: int, split: bool) -> float:
     starts = torch.tensor([0, *q_lens]).cumsum(0)[:-1]
     seqs = torch.stack([starts, torch.tensor(q_lens), torch.full((n_seqs,), context),
                         torch.arange(n_seqs)]).to("cuda")
-    target = tp.split_target(KV_HEADS, _sm_count(torch.device("cuda")))
+    target = tp.split_target(KV_HEADS, sm_count(torch.device("cuda")))
     slots = 2 * target if split else 0
     items, merges = (torch.from_numpy(a).to("cuda") for a in tp.plan(
         q_lens, [context] * n_seqs, tp.max_tiles(total, n_seqs) + slots, slots, target))

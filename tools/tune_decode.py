@@ -18,7 +18,7 @@ import random
 
 import torch
 
-from dynabatch.worker_svc.engine.triton_decode import (Launch, _sm_count, default_launch,
+from dynabatch.worker_svc.engine.triton_decode import (Launch, sm_count, default_launch,
                                                        num_splits, paged_decode)
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 64, 16
@@ -73,7 +73,7 @@ def sweep(batch: int, args: argparse.Namespace) -> dict:
     case = make_case(batch, args.ctx_lo, args.ctx_hi, args.layers)
     kv_bytes = 2 * sum(case["ctx_host"]) * KV_HEADS * DIM * 2
     width = case["table"].shape[1] * BLOCK
-    chosen = num_splits(batch, KV_HEADS, width, _sm_count(case["q"].device))
+    chosen = num_splits(batch, KV_HEADS, width, sm_count(case["q"].device))
     rows = []
     split_options = sorted({1, 2, 4, chosen, max(1, chosen // 2), min(2 * chosen, 32)})
     for splits, block_n, warps, stages in itertools.product(

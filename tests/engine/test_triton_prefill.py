@@ -2,7 +2,8 @@
 
 Chunks of fresh prompts and continued chunks (queries at the end of a longer cached context),
 grouped-query heads, a block table wider than needed and padded tiles/sequences, as the
-prefill graphs launch it; and tiles cut into pieces of context (split context), merged after. Without CUDA the kernel runs in Triton's interpreter (conftest.py).
+prefill graphs launch it; and tiles cut into pieces of context (split context), merged after.
+Without CUDA the kernel runs in Triton's interpreter (conftest.py).
 """
 from __future__ import annotations
 

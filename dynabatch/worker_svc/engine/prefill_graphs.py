@@ -5,8 +5,9 @@ host's: ~17 compiled pieces and their launches (prefill.py), 7-8 ms for the 1B s
 the prompt length (session 6, H100), while the GPU needs ~1-3 ms for a short prompt. Padded up
 to a bucket (16 ... `max_tokens` tokens) a step has a fixed shape and replays one graph: the
 step's tokens, positions and table rows, its chunks and their attention work items (tiles,
-some cut into pieces of context: triton_prefill.py) go to the device in one copy, and the graph derives the cache slots from
-the device block table (decode_inputs.py) and runs the whole forward.
+some cut into pieces of context: triton_prefill.py) go to the device in one copy, and the
+graph derives the cache slots from the device block table (decode_inputs.py) and runs the
+whole forward.
 
 Padding stays harmless: padded tokens sit at position 0 of the null row, so they write the
 scratch block only (kv_cache.py); no tile covers them; padded logits rows repeat row 0 and are
@@ -61,8 +62,8 @@ class PrefillGraphs:
         """Buckets up to max_tokens (at most MAX_TOKENS); `heads`: the model's query heads.
         `graphs=False` runs the same padded steps without capturing (CPU tests: the kernel in
         Triton's interpreter)."""
-        from dynabatch.worker_svc.engine import triton_prefill as tp   # triton: only where it runs
-        from dynabatch.worker_svc.engine.triton_decode import _sm_count
+        from dynabatch.worker_svc.engine import triton_prefill as tp   # triton: where it runs
+        from dynabatch.worker_svc.engine.triton_decode import sm_count
 
         self._tp = tp
         self.forward = forward
@@ -72,7 +73,7 @@ class PrefillGraphs:
         self.buckets = sorted({b for b in _BUCKETS if b < top} | {top})
         device = inputs.device
         _, _, _, kv_heads, _, dim = inputs.kv.data.shape
-        self.split_target = tp.split_target(kv_heads, _sm_count(device))
+        self.split_target = tp.split_target(kv_heads, sm_count(device))
         slots = 2 * self.split_target
         self.layouts = {}
         for prev, b in zip([0] + self.buckets, self.buckets):

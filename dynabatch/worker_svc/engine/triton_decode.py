@@ -134,7 +134,7 @@ def _merge_splits_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, num_heads, stride_ot, str
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 132       # the interpreter (CPU tests): as on an H200
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -191,7 +191,7 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     group = heads // kv_heads
     if splits is None:
         splits = num_splits(batch, kv_heads, block_tables.shape[1] * block_size,
-                            _sm_count(q.device))
+                            sm_count(q.device))
     launch = launch or default_launch(splits, dim, block_size)
     out = torch.empty_like(q)
     if splits == 1:

@@ -130,7 +130,8 @@ def _merge_pieces_kernel(o_ptr, merges_ptr, seqs_ptr, acc_ptr, m_ptr, l_ptr, num
         a_old = tl.exp2(m_all - base)
         a_p = tl.exp2(m_p - base)
         l_all = l_all * a_old + tl.load(l_ptr + srow) * a_p
-        acc = acc * a_old[:, None] + tl.load(acc_ptr + srow[:, None] * D + d[None, :]) * a_p[:, None]
+        part = tl.load(acc_ptr + srow[:, None] * D + d[None, :])
+        acc = acc * a_old[:, None] + part * a_p[:, None]
         m_all = m_new
     tl.store(o_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              (acc / l_all[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None])
