@@ -26,6 +26,9 @@
 #     opentelemetry-semantic-conventions==0.66b2 opentelemetry-proto==1.45.2 \
 #     opentelemetry-exporter-otlp-proto-grpc==1.45.2 opentelemetry-exporter-otlp-proto-common==1.45.2 \
 #     googleapis-common-protos==1.76.0
+#   and for the GPU tests (tests/engine imports hypothesis):
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl hypothesis==6.155.2 attrs==26.1.0 \
+#     sortedcontainers==2.4.0
 #   .debs:  Debian's redis-server and its libraries (no apt there):
 #   mkdir -p .debs && (cd .debs && apt-get -oAPT::Architecture=amd64 download redis-server \
 #     redis-tools libjemalloc2 liblzf1)
