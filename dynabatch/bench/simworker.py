@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dynabatch.bench.latency_model import LatencyModel
+from dynabatch.worker_svc.engine.api import RATE_MIN_TOKENS
 
 
 @dataclass(slots=True, eq=False)
@@ -202,7 +203,7 @@ class SimWorker:
                 s.generated += k
         used_delta = 0
         prompt = sum(t for _, t in p.chunks)
-        if prompt >= 256:                  # as the engine measures it (engine.RATE_MIN_TOKENS)
+        if prompt >= RATE_MIN_TOKENS:      # as the engine measures it
             self.prefill_rate = prompt * 1000.0 / p.cum_ms[-1]
         for s, t in p.chunks:
             s.prefix += t

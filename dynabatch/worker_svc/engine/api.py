@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "abort"]
+# EngineStats.prefill_tokens_per_s is measured on steps of at least this many prompt tokens: a
+# smaller step's time is mostly the weights' read (a decode step's), not a per-token cost.
+RATE_MIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class EngineStats:
     kv_block_size: int
     decode_step_ms: float          # mean wall time of recent decode steps
     decode_batch_size: float       # mean batch size of those steps
-    prefill_tokens_per_s: float    # recent prefill throughput (steps of >= 256 prompt tokens)
+    prefill_tokens_per_s: float    # recent prefill throughput (steps of >= RATE_MIN_TOKENS)
     max_model_len: int
     max_running: int
     steps: int

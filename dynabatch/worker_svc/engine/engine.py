@@ -10,7 +10,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from dynabatch.worker_svc.engine.api import EngineStats, SequenceRequest, TokenOutput
+from dynabatch.worker_svc.engine.api import (RATE_MIN_TOKENS, EngineStats, SequenceRequest,
+                                             TokenOutput)
 from dynabatch.worker_svc.engine.decode_inputs import HostBuffers
 from dynabatch.worker_svc.engine.kv_cache import KVCache
 from dynabatch.worker_svc.engine.prefill_graphs import MAX_TOKENS
@@ -20,9 +21,6 @@ from dynabatch.worker_svc.engine.scheduler import PrefillChunk, Scheduler
 from dynabatch.worker_svc.engine.sequence import Sequence
 
 _WINDOW = 64  # steps the rolling stats average over
-# The prefill rate is measured on steps of at least this many prompt tokens: a smaller step's
-# time is mostly the weights' read (a decode step's), not a per-token cost.
-RATE_MIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
