@@ -174,21 +174,24 @@ class BatchingPolicy:
                 decision.assignments[s.worker.worker_id] = s.taken
         if c.controller == "dynamic" and c.sla_prefill:
             for s in slots:
-                w = s.worker
-                if w.step_prefill_tokens <= 0:    # its engine takes no cap (alternating steps)
-                    continue
-                # Its requests' targets, those sent now included. An idle worker keeps its cap:
-                # the default target (50 ms) would raise it for the next request to arrive,
-                # whose own target may be far tighter (live, session 16: caps of 700-1,340
-                # tokens at the start of busy spells against ~64 at the requests' 8.7 ms).
-                ids = [a.request_id for a in w.assigned] + s.taken
-                if not ids:
-                    continue
-                cap = step_prefill_tokens(w.decode_step_ms, w.prefill_tokens_per_s,
-                                          w.step_prefill_tokens, self._tightest(ids), c.eps)
+                cap = self._step_cap(s)
                 if cap:
-                    decision.step_prefill_tokens[w.worker_id] = cap
+                    decision.step_prefill_tokens[s.worker.worker_id] = cap
         return decision
+
+    def _step_cap(self, slot: WorkerSlot) -> int:
+        """The step prefill cap for a worker (0: none to send). Its engine must take one (an
+        alternating engine reports 0), and it must have requests, those sent now included,
+        whose tightest TPOT target sets the cap. An idle worker keeps its cap: the default
+        target (50 ms) would raise it for the next request to arrive, whose own target may be
+        far tighter (live, session 16: caps of 700-1,340 tokens at the start of busy spells
+        against ~64 at the requests' 8.7 ms)."""
+        w = slot.worker
+        ids = [a.request_id for a in w.assigned] + slot.taken
+        if w.step_prefill_tokens <= 0 or not ids:
+            return 0
+        return step_prefill_tokens(w.decode_step_ms, w.prefill_tokens_per_s,
+                                   w.step_prefill_tokens, self._tightest(ids), self.config.eps)
 
     def _any_forced(self, live: list[Waiting], now: float) -> bool:
         c = self.config
