@@ -53,8 +53,8 @@ def case(engine, k: int, context: int, chunk: int, split: bool, rng: random.Rand
     engine.add(SequenceRequest("long", [rng.randrange(vocab) for _ in range(PROMPT)], 1,
                                ignore_eos=True))
     mixed_ms = _period(engine, "prefill", 12)
-    for r in reqs + [SequenceRequest("long", [0], 1)]:
-        engine.abort(r.request_id)
+    for request_id in [r.request_id for r in reqs] + ["long"]:
+        engine.abort(request_id)
     while engine.has_work():
         engine.step()
     graphs.split_target = target

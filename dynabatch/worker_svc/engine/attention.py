@@ -17,13 +17,16 @@ into the cache (slot by slot), then attends over each sequence's whole context:
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+if TYPE_CHECKING:       # triton_prefill imports triton: only where the kernel runs
+    from dynabatch.worker_svc.engine.triton_prefill import Scratch
 
 ATTN_IMPLEMENTATION = "dynabatch_paged"
 
@@ -48,7 +51,7 @@ class PagedPlan:
     merges: torch.Tensor                  # [4, NM]: its split tiles
     seqs: torch.Tensor                    # [4, S]: query offset, query count, context, row
     table: torch.Tensor                   # [R, W] int32, the device block table
-    scratch: object = None                # triton_prefill.Scratch for the pieces' partials
+    scratch: Scratch | None = None        # the pieces' partials
 
 
 def varlen_plan(starts: list[int], ends: list[int], tables: list[np.ndarray], kv: torch.Tensor
