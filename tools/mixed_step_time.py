@@ -62,10 +62,18 @@ def case(engine, k: int, context: int, chunk: int, split: bool, rng: random.Rand
             "decode_ms": round(decode_ms, 3), "mixed_ms": round(mixed_ms, 3)}
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.1-8b-shape")
     p.add_argument("--kv-blocks", type=int, default=4096)
+    p.add_argument("--contexts", default="512,4096", help="contexts, comma-separated")
+    p.add_argument("--decodes", default="4,8", help="decoding sequences, comma-separated")
+    p.add_argument("--chunks", default="64,256", help="prompt tokens per mixed step")
+    p.add_argument("--split-only", action="store_true", help="skip the unsplit kernel's runs")
     p.add_argument("--json")
     a = p.parse_args()
     engine = build_engine(a.model, device="cuda", num_kv_blocks=a.kv_blocks, max_running=64,
@@ -74,10 +82,10 @@ def main() -> None:
     rows = []
     print(f"{'decodes':>7} {'context':>7} {'chunk':>5} {'split':>5} {'decode ms':>9} "
           f"{'mixed ms':>8} {'extra ms':>8}")
-    for context in (512, 4096):
-        for k in (4, 8):
-            for chunk in (64, 256):
-                for split in (True, False):
+    for context in _ints(a.contexts):
+        for k in _ints(a.decodes):
+            for chunk in _ints(a.chunks):
+                for split in (True,) if a.split_only else (True, False):
                     r = case(engine, k, context, chunk, split, rng)
                     rows.append(r)
                     print(f"{k:>7} {context:>7} {chunk:>5} {split!s:>5} {r['decode_ms']:>9.3f} "

@@ -9,8 +9,9 @@ alternate with decode-only steps), and hold
 ``ceil((prompt + generated) / block_size)`` blocks. When decodes outgrow the pool, the most
 recently admitted sequence is preempted: its blocks are freed and it goes back to the front of
 the worker's queue to be prefilled again (prompt + tokens generated so far). A step prefill cap
-from the policy (`prefill_cap`, policy/prefill_cap.py) bounds a step's prompt tokens, as the
-real engine's `set_step_prefill_tokens`; the worker reports the prefill rate it is set from.
+from the policy (`prefill_cap`, policy/prefill_cap.py) bounds the prompt tokens of a step that
+carries decodes, as the real engine's `set_step_prefill_tokens`; the worker reports the prefill
+rate it is set from.
 
 Speed: a step changes nothing but token counts unless a sequence joins, finishes or needs a new
 block, so consecutive decode-only steps are applied together ("macro step", at most one block
@@ -144,7 +145,8 @@ class SimWorker:
         m = self.m
         b = len(self.decoding) if decodes else 0
         ctx = sum(s.tokens for s in self.decoding) if decodes else 0
-        budget = self.prefill_cap or max(0, m.max_batch_tokens - b)
+        # the cap bounds a decode's time between tokens: a step without decodes takes it all
+        budget = (self.prefill_cap if b else 0) or max(0, m.max_batch_tokens - b)
         chunks, toks, attn = [], 0, 0.0
         for s in self.prefilling:
             t = min(budget, s.to_prefill - s.prefix)

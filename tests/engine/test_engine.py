@@ -129,11 +129,10 @@ def test_mixed_steps_carry_decodes_under_the_step_cap(llama_path: Path, ref_llam
 
 
 def test_prefill_rate_counts_runs_of_small_chunks(llama_path: Path) -> None:
-    """A 600-token prompt under a 100-token cap: no step alone reaches the 256 prompt tokens a
+    """A 600-token prompt in 100-token chunks: no step alone reaches the 256 prompt tokens a
     rate is measured on, the run of them does (on CUDA the early chunks' steps do not wait for
     the GPU, so only the run's total time is the GPU's)."""
-    engine = engine_for(llama_path, prefill_token_budget=512, mixed_steps=True)
-    engine.set_step_prefill_tokens(100)
+    engine = engine_for(llama_path, prefill_token_budget=100)
     engine.add(SequenceRequest("a", random_prompts(5, 1, 600, 600)[0], 2, ignore_eos=True))
     drain(engine)
     assert engine.stats().prefill_tokens_per_s > 0

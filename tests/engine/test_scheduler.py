@@ -16,6 +16,26 @@ def seq(rid: str, prompt: int, arrival: int) -> Sequence:
     return Sequence(SequenceRequest(rid, [1] * prompt, max_tokens=8), arrival, eos_ids=())
 
 
+def test_the_step_cap_binds_only_steps_that_carry_decodes():
+    """The cap keeps a decoding sequence's time between tokens short; a step with no decode
+    delays no token, so it prefills up to the configured budget (fewer steps to first token)."""
+    sched = Scheduler(SimpleNamespace(allocator=BlockAllocator(64), block_size=4),
+                      max_running=8, token_budget=64, mixed=True)
+    sched.token_budget = 16                 # the cap the policy sent
+    a, b = seq("a", 40, 0), seq("b", 90, 1)
+    sched.add(a)
+    assert [(c.start, c.end) for c in sched.schedule()] == [(0, 40)]
+    a.num_computed = len(a.tokens)          # a decodes from now on
+    a.tokens.append(7)
+    sched.add(b)
+    step = sched.schedule()
+    assert [(c.seq, c.start, c.end, c.decode) for c in step] == [(a, 40, 41, True),
+                                                                (b, 0, 16, False)]
+    b.num_computed = 16                     # the step ran; a finishes
+    sched.drop(a)
+    assert [(c.start, c.end) for c in sched.schedule()] == [(16, 80)]
+
+
 def test_a_prompt_is_admitted_whole_or_not_at_all():
     """10 blocks of 4 tokens; `a` takes 6. `b` needs 4 and only 4 - 1 (a reserve block for the
     running `a`) are spare: admitted on a partial chunk it would hold blocks it cannot fill, so
@@ -36,13 +56,15 @@ def test_a_prompt_is_admitted_whole_or_not_at_all():
     assert sched.alloc.used == 4
 
 
-def _run_mixed(prompts: list[tuple[int, int, int]], blocks: int, budget: int) -> int:
+def _run_mixed(prompts: list[tuple[int, int, int]], blocks: int, budget: int, cap: int) -> int:
     """Drive a mixed-step Scheduler by hand (no model): (arrival step, prompt, max_tokens) per
-    request. Checks each step's invariants; returns the steps taken."""
+    request, the configured `budget` and a step prefill `cap` (<= budget) in force. Checks each
+    step's invariants; returns the steps taken."""
     from dynabatch.worker_svc.engine.scheduler import PrefillChunk
     alloc = BlockAllocator(blocks)
     sched = Scheduler(SimpleNamespace(allocator=alloc, block_size=4), max_running=6,
                       token_budget=budget, mixed=True)
+    sched.token_budget = cap
     pending = sorted(enumerate(prompts), key=lambda x: x[1][0])
     seqs: dict[str, Sequence] = {}
     step = 0
@@ -62,7 +84,9 @@ def _run_mixed(prompts: list[tuple[int, int, int]], blocks: int, budget: int) ->
         ran = [c.seq for c in batch] if isinstance(batch[0], PrefillChunk) else list(batch)
         assert len(ran) == len({id(s) for s in ran}), "a sequence twice in one step"
         if isinstance(batch[0], PrefillChunk):
-            assert sum(c.end - c.start for c in batch if not c.decode) <= budget
+            carries_decodes = any(c.decode for c in batch)
+            assert sum(c.end - c.start for c in batch if not c.decode) <= \
+                (cap if carries_decodes else budget)
             kept = {id(s) for s in decoding if s.row >= 0}      # not preempted by this step
             assert kept <= {id(c.seq) for c in batch if c.decode}
             for c in batch:
@@ -87,12 +111,13 @@ def _run_mixed(prompts: list[tuple[int, int, int]], blocks: int, budget: int) ->
 
 @given(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 40), st.integers(1, 12)),
                 min_size=1, max_size=12),
-       st.integers(12, 40), st.integers(1, 24))
+       st.integers(12, 40), st.integers(1, 24), st.integers(1, 24))
 @settings(max_examples=150, deadline=None)
-def test_mixed_steps_never_leak_or_starve(prompts, blocks, budget) -> None:
-    """Any arrivals, pool and step budget: every request finishes with exactly its tokens, each
-    step holds a sequence once, carries every decode beside its prefill chunks (the chunks
-    within the budget), and no block is held outside a running sequence."""
+def test_mixed_steps_never_leak_or_starve(prompts, blocks, budget, cap) -> None:
+    """Any arrivals, pool, step budget and cap: every request finishes with exactly its tokens,
+    each step holds a sequence once, carries every decode beside its prefill chunks (the chunks
+    within the cap, or the budget in a step with no decode), and no block is held outside a
+    running sequence."""
     if any(-(-(p + o) // 4) > blocks for _, p, o in prompts):
         return                                  # a request the pool can never hold
-    _run_mixed(prompts, blocks, budget)
+    _run_mixed(prompts, blocks, budget, min(cap, budget))

@@ -19,7 +19,14 @@ instead of swinging between a large and a small chunk.
 """
 from __future__ import annotations
 
-MIN_TOKENS = 64      # a step always makes some prefill progress
+# A step always makes some prefill progress. The floor is low because it binds exactly where the
+# target is tight: H100, 8B shape, 4-8 decodes at 4k contexts, TPOT 8.7 ms, the formula gives
+# 27-48 tokens, and a floor of 64 (sessions 14-16) ran those steps at 8.85-9.8 ms. A mixed step
+# costs ~0.2 ms + 27 us per prompt token over a decode step there (64 and 256-token chunks,
+# bench/results/session16_h100), so 16 tokens cost ~0.6 ms. Prefill-only steps carry no decode
+# and take the engine's whole budget (engine/scheduler.py), so a low cap slows a prompt only
+# while other sequences decode.
+MIN_TOKENS = 16
 
 
 def step_prefill_tokens(decode_step_ms: float, prefill_tokens_per_s: float, current: int,

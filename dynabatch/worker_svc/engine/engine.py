@@ -55,7 +55,6 @@ class PagedEngine:
         self.max_model_len = min(max_model_len, kv.max_tokens)
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(kv, max_running, prefill_token_budget, mixed_steps)
-        self.max_prefill_tokens = prefill_token_budget
         self.runner = ModelRunner(model, kv, device, max_running, self.max_model_len, cuda_graphs,
                                   compile_decode, compile_prefill,
                                   min(prefill_token_budget, MAX_TOKENS) if prefill_graphs else 0,
@@ -106,8 +105,8 @@ class PagedEngine:
         which stalls every decode, so that engine keeps its budget (and reports no cap)."""
         if not self.scheduler.mixed:
             return
-        self.scheduler.token_budget = min(n, self.max_prefill_tokens) if n > 0 else \
-            self.max_prefill_tokens
+        budget = self.scheduler.max_budget
+        self.scheduler.token_budget = min(n, budget) if n > 0 else budget
 
     def has_work(self) -> bool:
         return bool(self._pending) or self._inflight is not None or self.scheduler.has_work()

@@ -42,6 +42,7 @@ class Scheduler:
         self.block_size = kv.block_size
         self.max_running = max_running
         self.token_budget = token_budget     # prefill tokens per step (decode tokens not counted)
+        self.max_budget = token_budget       # the configured budget: mixed steps' cap is at most it
         self.mixed = mixed
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -82,7 +83,7 @@ class Scheduler:
         if prefill_work and self.mixed:
             return self._schedule_mixed(decodable)
         if prefill_work and (not decodable or not self._last_was_prefill):
-            chunks = self._schedule_prefill()
+            chunks = self._schedule_prefill(self.token_budget)
             if chunks:
                 self._last_was_prefill = True
                 return chunks
@@ -91,16 +92,18 @@ class Scheduler:
 
     def _schedule_mixed(self, decodable: bool) -> list[PrefillChunk] | list[Sequence]:
         """Every decode (blocks first: it may preempt) as a one-token chunk, then prefill chunks
-        of up to the budget; a plain decode step if no prefill chunk fits."""
+        of up to the budget; a plain decode step if no prefill chunk fits. The budget (the step
+        prefill cap) bounds the time between a decoding sequence's tokens, so a step with no
+        decode takes the configured maximum: it delays no token, and a smaller chunk would
+        only add steps to the prompts' time to first token."""
         decodes = self._schedule_decode() if decodable else []
-        chunks = self._schedule_prefill()
+        chunks = self._schedule_prefill(self.token_budget if decodes else self.max_budget)
         if not chunks:
             return decodes
         return [PrefillChunk(s, s.num_computed, s.num_computed + 1, decode=True)
                 for s in decodes] + chunks
 
-    def _schedule_prefill(self) -> list[PrefillChunk]:
-        budget = self.token_budget
+    def _schedule_prefill(self, budget: int) -> list[PrefillChunk]:
         chunks: list[PrefillChunk] = []
         for seq in sorted((s for s in self.running if s.needs_prefill), key=Sequence.sort_key):
             chunk = self._fit(seq, budget, reserve=0)
