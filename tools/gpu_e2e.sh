@@ -58,7 +58,7 @@ live() {   # live <name> <budget_s> <model> [args...]: one capacity sweep on the
 
 calibrate8b() {   # TPOT (1.6x the 8B batch-1 step; or $TPOT as given) and S (rate scale vs H200)
   if [ -n "${TPOT:-}" ]; then
-    S=$(python3 -c "print(round(5.756 * 1.6 / $TPOT, 3))")
+    S=${RATE_SCALE:-$(python3 -c "print(round(5.756 * 1.6 / $TPOT, 3))")}   # TPOT = 1.6 x step
   else
     timeout 150 python3 -m dynabatch.bench.engine_bench --model llama-3.1-8b-shape --device cuda \
       --batches 1,16 --prompt-len 1024 --output-len 64 --mixed-requests 0 --baseline-batches none \
@@ -109,6 +109,7 @@ for stage in "$@"; do
     live8b-mixed)  # session 15: live8b-tpot's target with the engine's mixed steps and the
                    # dynamic policies' step prefill cap (policy/prefill_cap.py). POINTS: the
                    # --point flags, rates in H200 terms ({r} scaled); TPOT=ms skips calibrating
+                   # (RATE_SCALE=x: rates scaled by x, for a TPOT that is not 1.6 x the step)
       calibrate8b
       pts=(); for p in ${POINTS:-fcfs@1.3,2.0 dynamic@1.3,2.0,2.7 multibin@2.0,2.7}; do
         pts+=(--point "$(python3 -c "
