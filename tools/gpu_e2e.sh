@@ -68,7 +68,7 @@ import json; d = json.load(open('$OUT/engine8b_calib.json'))
 b1 = [r for r in d['offline'] if r['batch'] == 1][0]['ms_per_step']
 print(round(1.6 * b1, 1), round(5.756 / b1, 3))")
   fi
-  echo "TPOT target $TPOT ms (1.6 x batch-1 step); rates x $S" | tee "$OUT/live_8b_tpot_target.txt"
+  echo "TPOT target $TPOT ms; rates x $S" | tee "$OUT/live_8b_tpot_target.txt"
 }
 rate() { python3 -c "print(round($1 * $S, 2))"; }
 
