@@ -70,9 +70,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.1-8b-shape")
     p.add_argument("--kv-blocks", type=int, default=4096)
-    p.add_argument("--contexts", default="512,4096", help="contexts, comma-separated")
-    p.add_argument("--decodes", default="4,8", help="decoding sequences, comma-separated")
-    p.add_argument("--chunks", default="64,256", help="prompt tokens per mixed step")
+    p.add_argument("--contexts", type=_ints, default="512,4096", help="context tokens (a,b,...)")
+    p.add_argument("--decodes", type=_ints, default="4,8", help="decoding sequences (a,b,...)")
+    p.add_argument("--chunks", type=_ints, default="64,256", help="prompt tokens per mixed step (a,b,...)")
     p.add_argument("--split-only", action="store_true", help="skip the unsplit kernel's runs")
     p.add_argument("--json")
     a = p.parse_args()
@@ -82,9 +82,9 @@ def main() -> None:
     rows = []
     print(f"{'decodes':>7} {'context':>7} {'chunk':>5} {'split':>5} {'decode ms':>9} "
           f"{'mixed ms':>8} {'extra ms':>8}")
-    for context in _ints(a.contexts):
-        for k in _ints(a.decodes):
-            for chunk in _ints(a.chunks):
+    for context in a.contexts:
+        for k in a.decodes:
+            for chunk in a.chunks:
                 for split in (True,) if a.split_only else (True, False):
                     r = case(engine, k, context, chunk, split, rng)
                     rows.append(r)

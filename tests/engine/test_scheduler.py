@@ -21,7 +21,7 @@ def test_the_step_cap_binds_only_steps_that_carry_decodes():
     delays no token, so it prefills up to the configured budget (fewer steps to first token)."""
     sched = Scheduler(SimpleNamespace(allocator=BlockAllocator(64), block_size=4),
                       max_running=8, token_budget=64, mixed=True)
-    sched.token_budget = 16                 # the cap the policy sent
+    sched.set_step_cap(16)                  # the cap the policy sent
     a, b = seq("a", 40, 0), seq("b", 90, 1)
     sched.add(a)
     assert [(c.start, c.end) for c in sched.schedule()] == [(0, 40)]
@@ -64,7 +64,7 @@ def _run_mixed(prompts: list[tuple[int, int, int]], blocks: int, budget: int, ca
     alloc = BlockAllocator(blocks)
     sched = Scheduler(SimpleNamespace(allocator=alloc, block_size=4), max_running=6,
                       token_budget=budget, mixed=True)
-    sched.token_budget = cap
+    sched.set_step_cap(cap)
     pending = sorted(enumerate(prompts), key=lambda x: x[1][0])
     seqs: dict[str, Sequence] = {}
     step = 0

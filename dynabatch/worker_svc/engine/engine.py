@@ -103,10 +103,7 @@ class PagedEngine:
         """Prefill tokens per step from now on (0: the configured maximum), at most that. Only
         with mixed steps: in alternating steps a smaller chunk only adds prefill steps, each of
         which stalls every decode, so that engine keeps its budget (and reports no cap)."""
-        if not self.scheduler.mixed:
-            return
-        budget = self.scheduler.max_budget
-        self.scheduler.token_budget = min(n, budget) if n > 0 else budget
+        self.scheduler.set_step_cap(n)
 
     def has_work(self) -> bool:
         return bool(self._pending) or self._inflight is not None or self.scheduler.has_work()

@@ -50,6 +50,12 @@ class Scheduler:
         self._last_was_prefill = False
         self._free_rows = list(range(max_running - 1, -1, -1))
 
+    def set_step_cap(self, n: int) -> None:
+        """Mixed steps only: prompt tokens per step that carries decodes, at most the configured
+        budget (0: the budget)."""
+        if self.mixed:
+            self.token_budget = min(n, self.max_budget) if n > 0 else self.max_budget
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
