@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--kv-blocks", type=int, default=4096)
     p.add_argument("--contexts", type=_ints, default="512,4096", help="context tokens (a,b,...)")
     p.add_argument("--decodes", type=_ints, default="4,8", help="decoding sequences (a,b,...)")
-    p.add_argument("--chunks", type=_ints, default="64,256", help="prompt tokens per mixed step (a,b,...)")
+    p.add_argument("--chunks", type=_ints, default="64,256", help="chunk tokens (a,b,...)")
     p.add_argument("--split-only", action="store_true", help="skip the unsplit kernel's runs")
     p.add_argument("--json")
     a = p.parse_args()
