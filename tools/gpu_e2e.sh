@@ -109,14 +109,16 @@ for stage in "$@"; do
     live8b-mixed)  # session 15: live8b-tpot's target with the engine's mixed steps and the
                    # dynamic policies' step prefill cap (policy/prefill_cap.py). POINTS: the
                    # --point flags, rates in H200 terms ({r} scaled); TPOT=ms skips calibrating
-                   # (RATE_SCALE=x: rates scaled by x, for a TPOT that is not 1.6 x the step)
+                   # (RATE_SCALE=x: rates scaled by x, for a TPOT that is not 1.6 x the step;
+                   # STEP_TOKENS=n: the worker's fixed step prefill budget, default 8192)
       calibrate8b
       pts=(); for p in ${POINTS:-fcfs@1.3,2.0 dynamic@1.3,2.0,2.7 multibin@2.0,2.7}; do
         pts+=(--point "$(python3 -c "
 import sys; pol, rates = sys.argv[1].split('@')
 print(pol + '@' + ','.join(str(round(float(r) * $S, 2)) for r in rates.split(',')))" "$p")"); done
       live "live_8b_mixed${TAG:-}" "${LIVE_BUDGET:-380}" llama-3.1-8b-shape --kv-blocks "$KV8B" \
-        --tpot-ms "$TPOT" --seconds "${SECONDS_PER_POINT:-60}" --mixed-steps "${pts[@]}" ;;
+        --tpot-ms "$TPOT" --seconds "${SECONDS_PER_POINT:-60}" --mixed-steps \
+        ${STEP_TOKENS:+--step-prefill-tokens "$STEP_TOKENS"} "${pts[@]}" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

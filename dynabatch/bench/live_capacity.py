@@ -90,7 +90,7 @@ class Run:
         self.data = {"what": "capacity on a live stack (measured, not simulated)",
                      "machine": _machine(a.device), "command": " ".join(sys.argv),
                      "model": a.model, "kv_blocks": a.kv_blocks, "max_running": a.max_running,
-                     "mixed_steps": a.mixed_steps,
+                     "mixed_steps": a.mixed_steps, "step_prefill_tokens": a.step_prefill_tokens,
                      "trace": trace.source, "seconds_per_point": a.seconds, "goal": a.goal,
                      "sla": {"ttft_ms": a.ttft_ms, "tpot_ms": a.tpot_ms},
                      "points": [], "skipped": [], "capacity_rps": {}}
@@ -146,11 +146,16 @@ def _warmup(trace: tr.Trace, points: list[Point], seconds: float) -> tr.Trace:
     return segment(trace, points[0].rates[0], seconds, min_requests=4)
 
 
+def _worker_flags(a: argparse.Namespace) -> list[str]:
+    steps = ["--step-prefill-tokens", str(a.step_prefill_tokens)] if a.step_prefill_tokens else []
+    return (["--mixed-steps"] if a.mixed_steps else []) + steps
+
+
 async def run(a: argparse.Namespace, points: list[Point], trace: tr.Trace) -> dict:
     r = Run(a, trace)
     async with procs.worker(a.redis_url, r.prefix, a.model, a.device, a.max_running,
                             a.kv_blocks, a.engine,
-                            extra=["--mixed-steps"] if a.mixed_steps else []):
+                            extra=_worker_flags(a)):
         r.data["worker_ready_s"] = round(time.monotonic() - r.t0, 1)
         async with procs.scheduler(a.redis_url, r.prefix, a.model, "fcfs") as sched:
             warm = _warmup(trace, points, a.warmup_s)
@@ -191,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--mixed-steps", action="store_true",
                    help="the worker's engine runs decodes inside prefill steps (dynamic policies "
                         "then cap each step's prompt tokens to the TPOT target)")
+    g.add_argument("--step-prefill-tokens", type=int,
+                   help="the worker's most prompt tokens per step (default: the worker's, 8192)")
     g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     g = p.add_argument_group("sweep")
     g.add_argument("--point", action="append", required=True,

@@ -48,12 +48,23 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-steps", action="store_true",
                    help="torch engine: decodes ride along prefill steps (as vLLM's chunked "
                         "prefill) instead of alternating with them")
+    p.add_argument("--step-prefill-tokens", type=_positive_int, default=8192, metavar="N",
+                   help="torch engine: most prompt tokens one step prefills (longer prompts "
+                        "are chunked; vLLM's max_num_batched_tokens). With --mixed-steps the "
+                        "dynamic policies lower it further while decodes run (default 8192)")
     p.add_argument("--fake-step-delay-ms", type=float, default=_env_float("DYNABATCH_FAKE_STEP_DELAY_MS", 0),
                    help="fake engine: sleep this long per step, to stand in for model time "
                         "(env DYNABATCH_FAKE_STEP_DELAY_MS)")
     p.add_argument("--fake-crash-token", type=int, default=None,
                    help="fake engine (chaos tests): the process dies when it steps a request "
                         "whose prompt holds this token id")
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _env_float(name: str, default: float) -> float:
@@ -287,7 +298,7 @@ def engine_options(args) -> dict:
                 "crash_token_id": args.fake_crash_token,
                 **({"num_kv_blocks": args.kv_blocks} if args.kv_blocks else {})}
     return {"device": args.device, "max_running": args.max_running, "num_kv_blocks": args.kv_blocks,
-            "mixed_steps": args.mixed_steps}
+            "mixed_steps": args.mixed_steps, "prefill_token_budget": args.step_prefill_tokens}
 
 
 if __name__ == "__main__":

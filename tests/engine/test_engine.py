@@ -255,3 +255,17 @@ def test_lowest_priority_is_preempted_first(llama_path: Path, ref_llama) -> None
     assert engine.stats().kv_blocks_used == 0
     assert outs["low"] == greedy_reference(ref_llama, low, 40)
     assert outs["high"] == greedy_reference(ref_llama, high, 40)
+
+
+def test_the_worker_flag_sets_the_step_prefill_budget(llama_path: Path) -> None:
+    """`dynabatch worker --step-prefill-tokens N` is the engine's fixed step budget (the fixed
+    baseline of the step cap), and the CLI refuses a budget below one token."""
+    from dynabatch.cli import build_parser, engine_options
+    args = build_parser().parse_args(["worker", "--device", "cpu", "--kv-blocks", "64",
+                                      "--mixed-steps", "--step-prefill-tokens", "24"])
+    engine = build_engine(str(llama_path), **engine_options(args))
+    assert engine.stats().step_prefill_tokens == 24
+    engine.set_step_prefill_tokens(10_000)             # a policy's cap never lifts it
+    assert engine.stats().step_prefill_tokens == 24
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--step-prefill-tokens", "0"])
