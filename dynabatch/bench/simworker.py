@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dynabatch.bench.latency_model import LatencyModel
-from dynabatch.worker_svc.engine.api import RATE_MIN_TOKENS
+from dynabatch.worker_svc.engine.api import RATE_MIN_TOKENS, STATS_WINDOW
 
 
 @dataclass(slots=True, eq=False)
@@ -82,9 +82,9 @@ class SimWorker:
         self.last_was_prefill = False
         self.prefill_cap = 0             # prompt tokens per step from the policy (0: none)
         self.prefill_rate = 0.0          # prompt tokens/s of the last step of >= 256 of them
-        # Measurements since the last feedback (means are reported, like EngineStats).
-        self.acc_ms = self.acc_batch = 0.0
-        self.acc_steps = 0
+        # Recent decode-only steps as (ms per step, batch, steps): EngineStats' rolling window.
+        self.decodes: deque[tuple[float, int, int]] = deque()
+        self.decode_steps = 0
 
     # ------------------------------------------------------------------ planning
     def add(self, seq: Seq) -> None:
@@ -197,9 +197,8 @@ class SimWorker:
         k, bs = p.k, self.bs
         self.steps += k
         self.busy_ms += p.cum_ms[-1]
-        self.acc_ms += p.cum_ms[-1]
-        self.acc_batch += p.batch * k + len(p.chunks)
-        self.acc_steps += k
+        if not p.chunks:
+            self._record_decodes(p.cum_ms[-1] / k, p.batch, k)
         if p.batch:
             for s in self.decoding:
                 s.generated += k
@@ -231,10 +230,17 @@ class SimWorker:
         self.plan = None
         return done
 
+    def _record_decodes(self, ms: float, batch: int, k: int) -> None:
+        self.decodes.append((ms, batch, k))
+        self.decode_steps += k
+        while self.decode_steps - self.decodes[0][2] >= STATS_WINDOW:
+            self.decode_steps -= self.decodes.popleft()[2]
+
     def take_feedback(self) -> tuple[float, float]:
-        """Mean step ms and mean batch size since the last feedback (then reset)."""
-        n = self.acc_steps
-        out = (self.acc_ms / n, self.acc_batch / n) if n else (0.0, 0.0)
-        self.acc_ms = self.acc_batch = 0.0
-        self.acc_steps = 0
-        return out
+        """Mean ms and batch of the recent decode-only steps, as the engine reports them
+        (EngineStats.decode_step_ms: a mixed step is a prefill step and counts in neither)."""
+        n = self.decode_steps
+        if not n:
+            return 0.0, 0.0
+        return (sum(ms * k for ms, _, k in self.decodes) / n,
+                sum(b * k for _, b, k in self.decodes) / n)

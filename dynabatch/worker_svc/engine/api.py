@@ -12,6 +12,8 @@ FinishReason = Literal["stop", "length", "abort"]
 # EngineStats.prefill_tokens_per_s is measured on steps of at least this many prompt tokens: a
 # smaller step's time is mostly the weights' read (a decode step's), not a per-token cost.
 RATE_MIN_TOKENS = 256
+# EngineStats' decode step and prefill rate average over this many recent steps.
+STATS_WINDOW = 64
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from dynabatch.worker_svc.engine.api import (RATE_MIN_TOKENS, EngineStats, SequenceRequest,
-                                             TokenOutput)
+from dynabatch.worker_svc.engine.api import (RATE_MIN_TOKENS, STATS_WINDOW, EngineStats,
+                                             SequenceRequest, TokenOutput)
 from dynabatch.worker_svc.engine.decode_inputs import HostBuffers
 from dynabatch.worker_svc.engine.kv_cache import KVCache
 from dynabatch.worker_svc.engine.prefill_graphs import MAX_TOKENS
@@ -19,8 +19,6 @@ from dynabatch.worker_svc.engine.runner import ModelRunner
 from dynabatch.worker_svc.engine.sampler import RowSampling, Sampler
 from dynabatch.worker_svc.engine.scheduler import PrefillChunk, Scheduler
 from dynabatch.worker_svc.engine.sequence import Sequence
-
-_WINDOW = 64  # steps the rolling stats average over
 
 
 @dataclass(frozen=True)
@@ -62,8 +60,8 @@ class PagedEngine:
         self.sampler = Sampler(device, seed)
         self._arrivals = itertools.count()
         self._pending: list[TokenOutput] = []
-        self._decode_times: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
-        self._prefill_times: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
+        self._decode_times: deque[tuple[float, int]] = deque(maxlen=STATS_WINDOW)
+        self._prefill_times: deque[tuple[float, int]] = deque(maxlen=STATS_WINDOW)
         self._prefill_run = (0.0, 0)     # (seconds, prompt tokens) of steps not yet timed
         self._inflight: _Launched | None = None
         self._out = HostBuffers(1, max_running, pin=device.type == "cuda")   # sampled tokens
