@@ -123,6 +123,32 @@ def test_alternating_engine_prefills_alone_and_stalls_decodes() -> None:
     assert kinds == ["decode", "prefill", "decode", "prefill"]   # a's prefill came last
 
 
+def test_reported_decode_step_is_the_engines_decode_only_window() -> None:
+    """The simulated worker reports its decode step as the engine does (EngineStats): the mean
+    of its recent decode-only steps. A mixed step (prefill chunk + decodes) counts as prefill,
+    so a long chunk does not inflate the step Algorithm 2 and the step cap are steered by, and
+    the window outlives a feedback (a run of mixed steps reports the last decodes measured)."""
+    from dynabatch.bench.simworker import Seq, SimWorker
+    m = load_model("h200-llama1b")                 # mixed steps (alternate_prefill False)
+    w = SimWorker("w", m)
+    w.add(Seq("a", 0, prompt=64, target=400))
+    t = w.start(0.0)
+    w.finish_plan(t)
+    while w.decode_steps < 32:                     # decode-only (macro) steps
+        end = w.start(t)
+        assert not w.plan.chunks
+        w.finish_plan(end)
+        t = end
+    step, batch = w.take_feedback()
+    assert batch == 1 and step == pytest.approx(m.step_ms(1, 64 + 33), rel=0.05)
+    w.add(Seq("b", 1, prompt=8000, target=5))
+    end = w.start(t)
+    assert w.plan.chunks and w.plan.batch == 1     # one long mixed step
+    assert w.plan.cum_ms[-1] > 5 * step
+    w.finish_plan(end)
+    assert w.take_feedback() == pytest.approx((step, 1.0), rel=0.05)
+
+
 @pytest.mark.parametrize("policy, mixed, capped", [("dynamic", True, True),
                                                     ("fcfs", True, False),
                                                     ("dynamic", False, False)])
