@@ -55,14 +55,21 @@ class LatencyModel:
     alternate_prefill: bool = False
     # Serving-loop time per step that the engine benchmark does not see (fitted to live runs).
     loop_ms: float = 0.0
+    # What a chunk costs beyond its per-token terms when decodes ride along it (a mixed step,
+    # --mixed-steps), fitted to whole-step timings (fit_mixed_steps); None: the lone-prompt
+    # floor. A lone prompt's floor is its own forward's launch overhead, which a mixed step has
+    # already paid in its decode part: H100, 8B shape, a 64-token chunk added 1.85 ms to a
+    # decode step, not prefill_floor_ms (bench/results/session16_h100).
+    mixed_prefill_ms: float | None = None
     provenance: dict = field(default_factory=dict, compare=False)
 
     def step_ms(self, decode_batch: int, context_tokens: int, prefill_tokens: int = 0,
                 attn_units: float = 0.0) -> float:
         prefill = 0.0
         if prefill_tokens > 0:
-            prefill = max(self.prefill_floor_ms,
-                          self.prefill_tok_ms * prefill_tokens + self.prefill_attn_ms * attn_units)
+            work = self.prefill_tok_ms * prefill_tokens + self.prefill_attn_ms * attn_units
+            mixed = decode_batch > 0 and self.mixed_prefill_ms is not None
+            prefill = self.mixed_prefill_ms + work if mixed else max(self.prefill_floor_ms, work)
         return (self.base_ms + self.loop_ms + self.per_seq_ms * decode_batch
                 + self.per_ctx_ms * context_tokens + prefill)
 
@@ -165,6 +172,22 @@ def fit_engine_bench(data: dict, name: str = "fitted") -> LatencyModel:
                         max_model_len=int(data.get("max_model_len", 8192)),
                         max_batch_tokens=int(data.get("max_batch_tokens", 2048)),
                         alternate_prefill=True, provenance=prov)
+
+
+def fit_mixed_steps(model: LatencyModel, timings: dict) -> LatencyModel:
+    """`model` with `mixed_prefill_ms` fitted to whole-step timings (tools/mixed_step_time.py's
+    JSON: rows of decodes, context, chunk, decode_ms and mixed_ms, the same k decodes without
+    and with a chunk): the median of what each chunk added beyond `prefill_tok_ms` per token
+    (the chunk's attention over its prompt's prefix is left in, so it errs long)."""
+    rows = [r for r in timings["rows"] if r.get("split", True)]
+    if not rows:
+        raise ValueError("mixed-step timings hold no rows")
+    extra = sorted(r["mixed_ms"] - r["decode_ms"] - model.prefill_tok_ms * r["chunk"]
+                   for r in rows)
+    fixed = max(0.0, extra[len(extra) // 2])
+    prov = dict(model.provenance, mixed_steps={"gpu": timings.get("gpu", "?"), "rows": len(rows),
+                                               "residual_ms": [round(e - fixed, 3) for e in extra]})
+    return replace(model, mixed_prefill_ms=fixed, provenance=prov)
 
 
 # --------------------------------------------------------------------------- shipped defaults

@@ -1,7 +1,8 @@
 """The simulator against live measurements: every point of a live capacity run, simulated.
 
     python -m dynabatch.bench.sim_vs_live --live live_8b.json --trace azure_llm_conv_2023.csv \\
-        --model engine_h200_8b.json --fit-loop-ms --out sim_vs_live_8b.json
+        --model engine_h200_8b.json --fit-loop-ms --out sim_vs_live_8b.json \
+        [--mixed-step-times mixed_step_time.json]
 
 Each live point (policy, options, rate, trace segment, SLA) is re-run in the simulator with the
 same trace segment and the request's exact max_tokens (as replay sends them). The latency model
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from dynabatch.bench import traces as tr
 from dynabatch.bench.commands import policy_overrides
-from dynabatch.bench.latency_model import LatencyModel, load_model
+from dynabatch.bench.latency_model import LatencyModel, fit_mixed_steps, load_model
 from dynabatch.bench.live_capacity import segment
 from dynabatch.bench.metrics import summarize
 from dynabatch.bench.simulator import SimConfig, simulate
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--fit-loop-ms", action="store_true", help="fit loop_ms to this live run")
     g.add_argument("--loop-ms", type=float, help="use this loop_ms (e.g. fitted to another run)")
+    ap.add_argument("--mixed-step-times", metavar="JSON",
+                    help="tools/mixed_step_time.py's whole-step timings: fit what a chunk "
+                         "beside decodes costs (LatencyModel.mixed_prefill_ms)")
     ap.add_argument("--grid", default="0,0.5,1,1.5,2,3,4,6,8")
     ap.add_argument("--out")
     ap.add_argument("--plot", help="PNG: measured vs simulated per policy and rate")
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     live = json.loads(Path(a.live).read_text())
     trace = tr.load_trace(a.trace)
     model = load_model(a.model)
+    if a.mixed_step_times:
+        model = fit_mixed_steps(model, json.loads(Path(a.mixed_step_times).read_text()))
     if live.get("kv_blocks"):
         model = model.with_kv(live["kv_blocks"])
     loss = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dynabatch.bench import commands
-from dynabatch.bench.latency_model import fit_engine_bench, load_model
+from dynabatch.bench.latency_model import fit_engine_bench, fit_mixed_steps, load_model
 from dynabatch.bench.metrics import Outcome, RequestRecord, RunResult, percentile, summarize
 
 
@@ -31,6 +31,25 @@ def test_fit_recovers_known_coefficients(tmp_path: Path) -> None:
         assert got == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError):
         fit_engine_bench({"decode": decode[:2]})
+
+
+def test_mixed_steps_pay_their_fitted_cost_not_the_lone_prompt_floor() -> None:
+    """A chunk beside decodes costs the fitted fixed part plus its per-token work; a lone prompt
+    still pays at least the floor (its own forward's launch overhead)."""
+    import dataclasses
+    m = dataclasses.replace(load_model("h200-llama1b"), prefill_floor_ms=20.0,
+                            prefill_tok_ms=0.01, prefill_attn_ms=0.0)
+    rows = [{"decodes": k, "context": c, "chunk": t, "split": True,
+             "decode_ms": m.decode_ms(k, k * c), "mixed_ms": m.decode_ms(k, k * c) + 0.3 + 0.01 * t}
+            for k in (1, 8) for c in (512, 4096) for t in (16, 64, 256)]
+    rows.append({**rows[0], "split": False, "mixed_ms": 99.0})   # the unsplit kernel: ignored
+    fitted = fit_mixed_steps(m, {"gpu": "TestGPU", "rows": rows})
+    assert fitted.mixed_prefill_ms == pytest.approx(0.3)
+    assert fitted.step_ms(4, 4096, 64) == pytest.approx(m.decode_ms(4, 4096) + 0.3 + 0.64)
+    assert fitted.step_ms(0, 0, 64) == m.step_ms(0, 0, 64) == pytest.approx(m.base_ms + 20.0)
+    assert m.step_ms(4, 4096, 64) == pytest.approx(m.decode_ms(4, 4096) + 20.0)   # unfitted
+    with pytest.raises(ValueError):
+        fit_mixed_steps(m, {"rows": []})
 
 
 def test_shipped_models_carry_provenance() -> None:
