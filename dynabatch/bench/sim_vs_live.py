@@ -1,7 +1,7 @@
 """The simulator against live measurements: every point of a live capacity run, simulated.
 
     python -m dynabatch.bench.sim_vs_live --live live_8b.json --trace azure_llm_conv_2023.csv \\
-        --model engine_h200_8b.json --fit-loop-ms --out sim_vs_live_8b.json \
+        --model engine_h200_8b.json --fit-loop-ms --out sim_vs_live_8b.json \\
         [--mixed-step-times mixed_step_time.json]
 
 Each live point (policy, options, rate, trace segment, SLA) is re-run in the simulator with the
