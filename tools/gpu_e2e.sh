@@ -10,6 +10,8 @@
 #                 call, TAG names the run            -> sidecar_${CLIENT_DRIVER:-sdk}${TAG}.json
 #   engine8b      engine benchmark of the Llama-3.1-8B shape (the constrained setting's latency
 #                 model is fitted to it)                             -> engine_h200_8b.json
+#   mixed8b       whole mixed steps of the 8B shape (tools/mixed_step_time.py: what a chunk beside
+#                 decodes costs; sim_vs_live / sim_plan --mixed-step-times) -> mixed_step_time.json
 #   live1b-a/-b   capacity per policy, 1B shape, full KV pool (unconstrained)   -> live_1b_*.json
 #   live8b-a/-b   capacity per policy, 8B shape, KV pool cut to KV8B blocks     -> live_8b_*.json
 # The grids continue bench/results/e2e_h200 (sessions 2-4; REPORT.md). Still to run: naive@10
@@ -82,6 +84,9 @@ for stage in "$@"; do
     engine8b) timeout 240 python3 -m dynabatch.bench.engine_bench --model llama-3.1-8b-shape --device cuda \
                --batches 1,16,64 --prompt-len 1024 --output-len 128 --mixed-requests 64 --mixed-output 32 \
                --baseline-batches none --json "$OUT/engine_h200_8b.json" 2>&1 | tee "$OUT/engine8b.log" ;;
+    mixed8b) timeout 200 python3 tools/mixed_step_time.py --contexts 512,4096 --decodes 1,4,8 \
+               --chunks 16,32,64,256 --split-only --json "$OUT/mixed_step_time.json" \
+               2>&1 | grep -v -i warn | tee "$OUT/mixed_step_time.log" ;;
     live1b-a) live live_1b_a 400 llama-3.2-1b-shape --seconds 20 \
                --point fcfs@60,70 --point dynamic@70 --point multibin@60,70 ;;
     live1b-c) live live_1b_c 170 llama-3.2-1b-shape --seconds 20 \

@@ -37,6 +37,8 @@ METRICS = {"throughput_rps": lambda s: s["throughput_rps"],
 
 def simulate_point(point: dict, live: dict, trace: tr.Trace, model: LatencyModel) -> dict:
     seg = segment(trace, point["target_rps"], live["seconds_per_point"])
+    if live.get("step_prefill_tokens"):   # the worker's --step-prefill-tokens
+        model = replace(model, max_batch_tokens=live["step_prefill_tokens"])
     cfg = SimConfig(policy=point["policy"], model=model, max_tokens=None,
                     ttft_target_s=live["sla"]["ttft_ms"] / 1000,
                     tpot_target_s=live["sla"]["tpot_ms"] / 1000,

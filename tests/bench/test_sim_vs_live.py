@@ -42,3 +42,15 @@ def test_a_mixed_steps_run_is_simulated_with_mixed_steps() -> None:
     alternating = svl.simulate_point(point, live, trace, base)
     mixed = svl.simulate_point(point, {**live, "mixed_steps": True}, trace, base)
     assert mixed["tpot_ms"]["p99"] < alternating["tpot_ms"]["p99"]
+
+
+def test_a_fixed_step_budget_is_simulated_with_that_budget() -> None:
+    """live_capacity --step-prefill-tokens records the worker's budget: a long prompt arriving
+    alone then prefills in chunks of it, so its TTFT grows as the budget shrinks."""
+    trace = poisson(0.5, 20, seed=5)
+    model = load_model("h200-llama8b-kv8g")
+    point = {"label": "fcfs", "policy": "fcfs", "opts": [], "target_rps": 0.5}
+    live = {"seconds_per_point": 40.0, "sla": {"ttft_ms": 2000, "tpot_ms": 50}}
+    whole = svl.simulate_point(point, live, trace, model)
+    chunked = svl.simulate_point(point, {**live, "step_prefill_tokens": 32}, trace, model)
+    assert chunked["ttft_ms"]["p50"] > 2 * whole["ttft_ms"]["p50"]
