@@ -25,9 +25,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from dynabatch.bench import traces as tr
-from dynabatch.bench.latency_model import LatencyModel, fit_mixed_steps, load_model
+from dynabatch.bench.latency_model import LatencyModel
 from dynabatch.bench.live_capacity import Point, parse_point
-from dynabatch.bench.sim_vs_live import simulate_point
+from dynabatch.bench.sim_vs_live import simulate_point, worker_model
 
 
 def sweep(points: list[Point], run: dict, trace: tr.Trace, model: LatencyModel) -> list[dict]:
@@ -84,14 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         points = [parse_point(t) for t in a.point]
         budgets = [int(x) for x in a.step_prefill_tokens.split(",") if x.strip()] or [None]
         trace = tr.load_trace(a.trace)
-        model = load_model(a.model)
+        model = replace(worker_model(a.model, a.mixed_step_times, a.kv_blocks),
+                        loop_ms=a.loop_ms)
     except (ValueError, tr.TraceError, OSError) as e:
         ap.error(str(e))
-    if a.mixed_step_times:
-        model = fit_mixed_steps(model, json.loads(Path(a.mixed_step_times).read_text()))
-    if a.kv_blocks:
-        model = model.with_kv(a.kv_blocks)
-    model = replace(model, loop_ms=a.loop_ms)
     rows = []
     for budget in budgets:
         run = {"seconds_per_point": a.seconds, "mixed_steps": a.mixed_steps, "goal": a.goal,

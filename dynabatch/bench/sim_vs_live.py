@@ -35,6 +35,16 @@ METRICS = {"throughput_rps": lambda s: s["throughput_rps"],
            "tpot_p50_ms": lambda s: s["tpot_ms"]["p50"]}
 
 
+def worker_model(name: str, mixed_step_times: str | None = None,
+                 kv_blocks: int | None = None) -> LatencyModel:
+    """The latency model of a live worker: an engine-bench fit (name or JSON), with the mixed
+    steps' timings (tools/mixed_step_time.py JSON) and the worker's KV pool when given."""
+    model = load_model(name)
+    if mixed_step_times:
+        model = fit_mixed_steps(model, json.loads(Path(mixed_step_times).read_text()))
+    return model.with_kv(kv_blocks) if kv_blocks else model
+
+
 def simulate_point(point: dict, live: dict, trace: tr.Trace, model: LatencyModel) -> dict:
     seg = segment(trace, point["target_rps"], live["seconds_per_point"])
     if live.get("step_prefill_tokens"):   # the worker's --step-prefill-tokens
@@ -117,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     live = json.loads(Path(a.live).read_text())
     trace = tr.load_trace(a.trace)
-    model = load_model(a.model)
-    if a.mixed_step_times:
-        model = fit_mixed_steps(model, json.loads(Path(a.mixed_step_times).read_text()))
-    if live.get("kv_blocks"):
-        model = model.with_kv(live["kv_blocks"])
+    model = worker_model(a.model, a.mixed_step_times, live.get("kv_blocks"))
     loss = {}
     if a.fit_loop_ms:
         best, loss = fit_loop_ms(live, trace, model, [float(x) for x in a.grid.split(",")])

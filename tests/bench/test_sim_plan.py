@@ -10,9 +10,9 @@ from dynabatch.bench.live_capacity import parse_point
 from dynabatch.bench.traces import poisson
 
 
-def _run(tpot_ms: float, budget: int | None = None) -> dict:
+def _run(tpot_ms: float) -> dict:
     return {"seconds_per_point": 20.0, "mixed_steps": True, "goal": 0.99,
-            "sla": {"ttft_ms": 2000, "tpot_ms": tpot_ms}, "step_prefill_tokens": budget}
+            "sla": {"ttft_ms": 2000, "tpot_ms": tpot_ms}, "step_prefill_tokens": None}
 
 
 def test_a_label_stops_after_its_first_miss_and_its_capacity_is_the_rate_below() -> None:
