@@ -131,18 +131,28 @@ class Simulation:
             self.policy.on_finish(s.rid, s.prompt, s.generated, now)
         if done:
             self.dirty[w] = self.changed = True
+        if self._sync_tokens(w):
+            self.dirty[w] = True
         if now - self.fb[w][0] >= self.cfg.feedback_s or not worker.running():
             self._feedback(w, now)
         self._push(w, worker.start(now))
 
-    def _feedback(self, w: int, now: float) -> None:
-        """The worker's heartbeat: fresh measurements, KV usage and token counts."""
-        worker, table = self.workers[w], self.assigned[w]
-        for s in worker.decoding:
+    def _sync_tokens(self, w: int) -> bool:
+        """The scheduler's token counts of a worker's requests, as the relay keeps them (every
+        token as it comes, not once a heartbeat); True if any changed."""
+        table, changed = self.assigned[w], False
+        for s in self.workers[w].decoding:
             a = table[s.rid]
             if a.generated_tokens != s.generated:
-                table[s.rid] = Assigned(a.request_id, a.prompt_tokens, a.predicted_output_tokens,
-                                        s.generated, a.bin)
+                table[s.rid] = replace(a, generated_tokens=s.generated,
+                                       first_token_s=max(0.0, s.first_token_s))
+                changed = True
+        return changed
+
+    def _feedback(self, w: int, now: float) -> None:
+        """The worker's heartbeat: fresh measurements, KV usage and token counts."""
+        worker = self.workers[w]
+        self._sync_tokens(w)
         step_ms, batch = worker.take_feedback()
         self.fb[w] = (now, step_ms, batch, worker.steps, worker.prefill_rate, worker.prefill_cap)
         self.fb_used[w] = worker.used

@@ -40,8 +40,15 @@ def _assigned(t: Tracked) -> Assigned:
         t.policy_view = (key, Assigned(
             request_id=item.request_id, prompt_tokens=len(item.prompt_token_ids),
             predicted_output_tokens=item.predicted_output_tokens or item.max_tokens,
-            generated_tokens=key[0], bin=item.bin))
+            generated_tokens=key[0], bin=item.bin, first_token_s=_wall(t.first_token_at)))
     return t.policy_view[1]
+
+
+def _wall(monotonic_s: float | None) -> float:
+    """A time.monotonic() reading on the policy's clock (time.time()); 0.0 for None."""
+    if monotonic_s is None:
+        return 0.0
+    return time.time() - (time.monotonic() - monotonic_s)
 
 
 class BatchingLoop:

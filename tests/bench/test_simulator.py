@@ -157,12 +157,14 @@ def test_mixed_steps_take_the_policys_step_prefill_cap(policy: str, mixed: bool,
     """--mixed-steps on a model fitted to the alternating engine: prefill steps carry the
     decodes, and a dynamic policy's step prefill cap (policy/prefill_cap.py) bounds every later
     step's prompt tokens, with the rate the simulated worker measured; fcfs sets none, and an
-    alternating worker takes none."""
+    alternating worker takes none. The target (7 ms) is tight enough that the decodes' TPOT
+    budgets (prefill_cap.slack_tokens) do not allow the whole budget at every step; at 12 ms
+    they do."""
     from dynabatch.bench.simulator import Simulation
     m = dataclasses.replace(load_model("h200-llama1b"), alternate_prefill=True)
     trace = Trace([TraceRequest(0.05 * i, 3000 if i % 5 == 0 else 200, 60) for i in range(60)])
     sim = Simulation(trace, SimConfig(policy=policy, model=m, mixed_steps=mixed,
-                                      tpot_target_s=0.012))
+                                      tpot_target_s=0.007))
     assert sim.cfg.model.alternate_prefill is not mixed
     seen: list[int] = []
     worker = sim.workers[0]
@@ -175,9 +177,8 @@ def test_mixed_steps_take_the_policys_step_prefill_cap(policy: str, mixed: bool,
     worker._prefill_plan = watch
     result = sim.run()
     assert all(r.outcome is Outcome.OK for r in result.records)
-    if capped:
-        assert 0 < worker.prefill_cap < m.max_batch_tokens
+    if capped:   # the cap binds at times (the decodes' TPOT budgets allow the whole budget at others)
+        assert any(0 < cap < m.max_batch_tokens for cap, _ in seen)
         assert all(tokens <= cap for cap, tokens in seen if cap)
-        assert any(cap for cap, _ in seen)
     else:
         assert worker.prefill_cap == 0 and max(t for _, t in seen) > 2048 - 60

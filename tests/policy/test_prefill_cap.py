@@ -4,8 +4,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dynabatch.scheduler_svc.policy import PolicyConfig, make_policy
-from dynabatch.scheduler_svc.policy.prefill_cap import MIN_TOKENS, step_prefill_tokens
+from dynabatch.scheduler_svc.policy import Assigned, PolicyConfig, make_policy
+from dynabatch.scheduler_svc.policy.prefill_cap import (MIN_TOKENS, slack_tokens,
+                                                        step_prefill_tokens)
 
 from .helpers import req, running, worker
 
@@ -71,3 +72,66 @@ def test_the_cap_follows_the_requests_targets_and_an_idle_worker_keeps_its_own()
     busy = busy.__class__(**{**busy.__dict__, "assigned": running(1)})
     d = make_policy("dynamic", cfg).decide([], [busy], now=1.0)
     assert d.step_prefill_tokens == {"w0": (44 * 50_000) // 1000}     # the default, 50 ms
+
+
+# slack_tokens: TPOT 10 ms, decode step 6 ms, 50k prompt tokens/s, refreshed every 25 steps.
+def _slack(*running, now: float = 100.0) -> int:
+    return slack_tokens(list(running), now, 6.0, 50_000, 25)
+
+
+def test_a_long_fresh_request_lets_the_chunk_grow_past_the_step_rule() -> None:
+    # 300 tokens to come at 4 ms of room each = 1.2 s, spread over the next 25 steps: 48 ms a
+    # step, 2,400 tokens; the step rule gives 200.
+    assert _slack((0.010, 1, 301, 100.0)) == 2400
+    assert _slack((0.010, 1, 301, 0.0)) == 2400      # no first-token time: on target so far
+
+
+def test_a_request_with_little_left_or_late_holds_the_chunk_down() -> None:
+    on_target = (0.010, 101, 102, 99.0)               # 100 intervals in 1 s, one to come
+    assert _slack(on_target) == 200                   # 4 ms of room: the step rule's chunk
+    assert _slack((0.010, 1, 301, 100.0), on_target) == 200     # the tightest one counts
+    late = (0.010, 50, 100, 99.25)                    # 49 intervals in 750 ms: over budget
+    assert _slack(late) == 0
+    past = (0.010, 150, 100, 98.5)                    # past its prediction: may end now
+    assert _slack(past) == 0
+    assert _slack() == 0
+
+
+@given(reqs=st.lists(st.tuples(st.floats(0.005, 0.1), st.integers(1, 500), st.integers(1, 800),
+                               st.floats(0.0, 30.0)), min_size=1, max_size=8),
+       step=st.floats(1.0, 50.0), rate=st.floats(1e3, 1e6), horizon=st.floats(0.5, 100))
+def test_chunks_of_the_slack_cap_keep_every_budget(reqs, step, rate, horizon) -> None:
+    """Steps of decode + the cap's chunk for the horizon (or to the request's end), then plain
+    decode steps: no request that was on budget goes over its (n - 1) x target."""
+    now = 40.0
+    running = [(t, g, n, now - ago) for t, g, n, ago in reqs]
+    cap = slack_tokens(running, now, step, rate, horizon)
+    if cap == 0:
+        return
+    extra_ms = cap * 1000.0 / rate
+    for t, g, n, first in running:
+        n = max(n, g + 1)
+        left = n - g
+        k = min(left, max(1.0, horizon))
+        taken = (now - first) * 1000 + k * (step + extra_ms) + (left - k) * step
+        assert taken <= t * 1000 * (n - 1) * (1 + 1e-9) + 1e-6
+
+
+def test_decide_sends_the_larger_of_the_step_rule_and_the_slack() -> None:
+    cfg = PolicyConfig(tpot_target_s=0.010, eps=0.0, step_cap_horizon_s=0.25)
+    w = _workers()[0]
+    fresh = Assigned("long", 64, 301, 1, 0, first_token_s=1.0)
+    busy = w.__class__(**{**w.__dict__, "assigned": (fresh,)})
+    d = make_policy("dynamic", cfg).decide([], [busy], now=1.0)
+    assert d.step_prefill_tokens == {"w0": 2400}      # 25 steps of refresh at 10 ms
+    ending = Assigned("short", 64, 2, 1, 0, first_token_s=1.0)
+    busy = w.__class__(**{**w.__dict__, "assigned": (fresh, ending)})
+    assert make_policy("dynamic", cfg).decide([], [busy], 1.0).step_prefill_tokens == {"w0": 200}
+
+
+def test_a_zero_horizon_keeps_the_step_rule_alone() -> None:
+    cfg = PolicyConfig(tpot_target_s=0.010, eps=0.0, step_cap_horizon_s=0.0)
+    w = _workers()[0]
+    fresh = Assigned("long", 64, 301, 1, 0, first_token_s=1.0)
+    busy = w.__class__(**{**w.__dict__, "assigned": (fresh,)})
+    assert make_policy("dynamic", cfg).decide([], [busy], now=1.0).step_prefill_tokens == {"w0": 200}

@@ -50,6 +50,10 @@ class PolicyConfig:
     # The dynamic controller also caps each engine step's prompt tokens so that decodes riding
     # along stay inside the TPOT target (prefill_cap.py; engines with mixed steps).
     sla_prefill: bool = True
+    # The cap may grow past that step rule to what the decoding requests' TPOT budgets leave,
+    # spread over this horizon (how often a cap is refreshed: the workers' feedback); 0: the
+    # step rule alone (the cap of sessions 15-19).
+    step_cap_horizon_s: float = 0.25
 
     # --- selection ---
     max_wait_s: float = 10.0          # past it a request is forced in whenever memory allows

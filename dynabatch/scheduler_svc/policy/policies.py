@@ -14,7 +14,7 @@ from . import admission
 from .bins import BinBoundaries
 from .config import PolicyConfig, preset
 from .predict import HistoryPredictor, LengthPredictor
-from .prefill_cap import step_prefill_tokens
+from .prefill_cap import slack_tokens, step_prefill_tokens
 from .priority import base_key, deadline_of, fifo_key, key_at, ttft_budget
 from .sla import SlaController
 from .slots import WorkerSlot, clamp_bin, dominant_bin, eligible
@@ -174,24 +174,38 @@ class BatchingPolicy:
                 decision.assignments[s.worker.worker_id] = s.taken
         if c.controller == "dynamic" and c.sla_prefill:
             for s in slots:
-                cap = self._step_cap(s)
+                cap = self._step_cap(s, now)
                 if cap:
                     decision.step_prefill_tokens[s.worker.worker_id] = cap
         return decision
 
-    def _step_cap(self, slot: WorkerSlot) -> int:
+    def _step_cap(self, slot: WorkerSlot, now: float) -> int:
         """The step prefill cap for a worker (0: none to send). Its engine must take one (an
         alternating engine reports 0), and it must have requests, those sent now included,
         whose tightest TPOT target sets the cap. An idle worker keeps its cap: the default
         target (50 ms) would raise it for the next request to arrive, whose own target may be
         far tighter (live, session 16: caps of 700-1,340 tokens at the start of busy spells
-        against ~64 at the requests' 8.7 ms)."""
+        against ~64 at the requests' 8.7 ms). The cap is the larger of the step rule and what
+        the decoding requests' TPOT budgets leave (prefill_cap.py)."""
         w = slot.worker
         ids = [a.request_id for a in w.assigned] + slot.taken
         if w.step_prefill_tokens <= 0 or not ids:
             return 0
-        return step_prefill_tokens(w.decode_step_ms, w.prefill_tokens_per_s,
-                                   w.step_prefill_tokens, self._tightest(ids), self.config.eps)
+        c, tightest = self.config, self._tightest(ids)
+        cap = step_prefill_tokens(w.decode_step_ms, w.prefill_tokens_per_s,
+                                  w.step_prefill_tokens, tightest, c.eps)
+        if c.step_cap_horizon_s <= 0:
+            return cap
+        horizon_steps = c.step_cap_horizon_s / (tightest * (1.0 - c.eps))
+        return max(cap, slack_tokens(self._budgets(w), now, w.decode_step_ms,
+                                     w.prefill_tokens_per_s, horizon_steps))
+
+    def _budgets(self, w: WorkerView) -> list[tuple[float, int, int, float]]:
+        """slack_tokens' view of a worker's requests that have their first token."""
+        c = self.config
+        return [(self._tpot.get(a.request_id, c.tpot_target_s) * (1.0 - c.eps),
+                 a.generated_tokens, a.predicted_output_tokens, a.first_token_s)
+                for a in w.assigned if a.generated_tokens > 0]
 
     def _any_forced(self, live: list[Waiting], now: float) -> bool:
         c = self.config

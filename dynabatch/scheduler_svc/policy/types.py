@@ -32,6 +32,7 @@ class Assigned:
     predicted_output_tokens: int
     generated_tokens: int
     bin: int = 0
+    first_token_s: float = 0.0          # when its first token was made (0: none yet, or unknown)
 
 
 @dataclass(frozen=True)
