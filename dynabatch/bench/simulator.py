@@ -150,9 +150,9 @@ class Simulation:
         return changed
 
     def _feedback(self, w: int, now: float) -> None:
-        """The worker's heartbeat: fresh measurements, KV usage and token counts."""
+        """The worker's heartbeat: fresh measurements and KV usage (token counts are synced
+        at every step, `_sync_tokens`)."""
         worker = self.workers[w]
-        self._sync_tokens(w)
         step_ms, batch = worker.take_feedback()
         self.fb[w] = (now, step_ms, batch, worker.steps, worker.prefill_rate, worker.prefill_cap)
         self.fb_used[w] = worker.used
